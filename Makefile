@@ -1,0 +1,51 @@
+# Two commands: `make run` and `make test`. Everything else here is what they stand on.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-fast lint format typecheck setup key clean
+
+# Reinstall only when the project's dependencies change.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## run: set up everything (venv, default model, database) and start api + worker + beat
+run: $(STAMP)
+	$(PY) -m app.cli run
+
+## setup: prepare the default model and migrate the database, without starting anything
+setup: $(STAMP)
+	$(PY) -m app.cli setup
+
+## test: lint, type-check and run the whole suite (PostgreSQL and Redis on this machine)
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(PY) -m pytest
+
+## test-fast: the suite without the tests that use the real default model
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not real_model"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+## key: create an API key (ROLE=user|admin NAME=...)
+key: $(STAMP)
+	$(PY) -m app.cli keys create --role $(or $(ROLE),user) --name $(or $(NAME),cli)
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

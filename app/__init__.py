@@ -1,0 +1,1 @@
+"""feedback-lm: a language model service that improves from human feedback."""

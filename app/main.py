@@ -1,0 +1,105 @@
+"""The app factory and its lifespan, which owns the database, the model registry and the engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+
+from app.api import feedback, generation, health, keys, models
+from app.config import Settings, load_settings
+from app.db import make_engine, make_sessionmaker
+from app.migrate import is_current
+from app.ml.engine import Engine
+from app.ml.registry import ModelRegistry, NoModelLoaded
+from app.services.errors import Conflict, InvalidInput, NotFound, ServiceError
+from app.services.keys import ensure_bootstrap_admin
+from app.services.serving import load_active_version
+
+log = logging.getLogger("app")
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message says what to do."""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open the database, check its schema, make sure an admin key exists and load the model."""
+    settings: Settings = app.state.settings
+    db_engine = make_engine(settings.sqlalchemy_url)
+    try:
+        if not is_current(db_engine):
+            raise StartupError(
+                "the database schema is not up to date: run `python -m app.cli setup` first"
+            )
+        sessions = make_sessionmaker(db_engine)
+        with sessions() as session:
+            new_key = ensure_bootstrap_admin(
+                session, settings.admin_api_key, settings.admin_key_file
+            )
+        if new_key is not None:
+            log.warning("created the admin API key (kept in %s)", settings.admin_key_file)
+        registry = ModelRegistry()
+        with sessions() as session:
+            registry.activate(load_active_version(session, settings))
+        app.state.sessionmaker = sessions
+        app.state.registry = registry
+        app.state.engine = Engine(registry)
+        log.info("serving model version %s", registry.active.name)
+        yield
+    finally:
+        db_engine.dispose()
+
+
+def _error(status_code: int, detail: object) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status_code)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Map service errors to clear 4xx answers, and outages to 503 instead of 500."""
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        if isinstance(exc, InvalidInput):
+            detail = [{"loc": [exc.location, exc.field], "msg": exc.message, "type": "value_error"}]
+            return _error(status.HTTP_422_UNPROCESSABLE_CONTENT, detail)
+        if isinstance(exc, NotFound):
+            return _error(status.HTTP_404_NOT_FOUND, exc.message)
+        if isinstance(exc, Conflict):
+            return _error(status.HTTP_409_CONFLICT, exc.message)
+        return _error(status.HTTP_400_BAD_REQUEST, exc.message)
+
+    @app.exception_handler(NoModelLoaded)
+    async def no_model(_: Request, exc: NoModelLoaded) -> JSONResponse:
+        return _error(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc))
+
+    @app.exception_handler(OperationalError)
+    async def database_down(_: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database unavailable: %s", type(exc.orig).__name__)
+        response = _error(status.HTTP_503_SERVICE_UNAVAILABLE, "the database is unavailable; retry")
+        response.headers["Retry-After"] = "5"
+        return response
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the FastAPI app; settings default to the environment."""
+    settings = settings or load_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = FastAPI(
+        title="feedback-lm",
+        summary="A language model service that improves from human feedback.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    _install_error_handlers(app)
+    for router in (health.router, generation.router, feedback.router, models.router, keys.router):
+        app.include_router(router)
+    return app

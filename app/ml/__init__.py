@@ -1,0 +1,1 @@
+"""Model code: loading checkpoints, generating text, holding the active version."""

@@ -1,0 +1,20 @@
+"""ORM tables. Importing this package registers every table on `Base.metadata`."""
+
+from app.models.api_key import ApiKey, Role
+from app.models.feedback import Comparison, Feedback, Thumbs, Winner
+from app.models.generation import Generation, Task
+from app.models.model_version import ModelVersion, VersionKind, VersionStatus
+
+__all__ = [
+    "ApiKey",
+    "Comparison",
+    "Feedback",
+    "Generation",
+    "ModelVersion",
+    "Role",
+    "Task",
+    "Thumbs",
+    "VersionKind",
+    "VersionStatus",
+    "Winner",
+]

@@ -1,0 +1,50 @@
+"""Pieces shared by several request and response models."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.ml.engine import SamplingParams
+
+
+class StrictModel(BaseModel):
+    """A request body: unknown fields are an error, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+NonBlank = Annotated[str, Field(min_length=1, pattern=r"\S")]
+"""Text that is not empty and not only whitespace."""
+
+
+class SamplingFields(StrictModel):
+    """Sampling options accepted by every generation endpoint."""
+
+    max_new_tokens: Annotated[int, Field(ge=1, le=1024, description="Most tokens to generate.")] = (
+        128
+    )
+    temperature: Annotated[float, Field(ge=0, le=2, description="0 is greedy decoding.")] = 0.7
+    top_p: Annotated[float, Field(gt=0, le=1, description="Nucleus sampling mass.")] = 0.95
+    seed: Annotated[
+        int | None, Field(ge=0, le=2**32 - 1, description="Same seed, same input, same answer.")
+    ] = None
+
+    def sampling(self) -> SamplingParams:
+        """The engine's view of these options."""
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+
+
+class ErrorDetail(BaseModel):
+    """One problem with a request, in FastAPI's validation-error shape."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """What every 4xx and 5xx answer carries."""
+
+    detail: str | list[ErrorDetail]

@@ -1,0 +1,74 @@
+"""Ratings: feedback on one generation and comparisons of two."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.models import Thumbs, Winner
+from app.schemas.common import NonBlank, StrictModel
+
+
+class FeedbackCreate(StrictModel):
+    """A rating of one generation: at least one of thumbs, stars, correction."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"generation_id": 1, "thumbs": "up", "stars": 5}]},
+    )
+
+    generation_id: int
+    thumbs: Thumbs | None = None
+    stars: Annotated[int | None, Field(ge=1, le=5)] = None
+    comment: Annotated[str | None, Field(max_length=4000)] = None
+    correction: Annotated[
+        NonBlank | None,
+        Field(max_length=16000, description="A better answer, written by the rater."),
+    ] = None
+
+    @model_validator(mode="after")
+    def _has_a_signal(self) -> FeedbackCreate:
+        if self.thumbs is None and self.stars is None and self.correction is None:
+            raise ValueError("give at least one of thumbs, stars or correction")
+        return self
+
+
+class FeedbackPublic(BaseModel):
+    """A stored rating."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    generation_id: int
+    thumbs: Thumbs | None
+    stars: int | None
+    comment: str | None
+    correction: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ComparisonCreate(StrictModel):
+    """A choice between two answers to the same task and input."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"generation_a": 1, "generation_b": 2, "winner": "a"}]},
+    )
+
+    generation_a: int
+    generation_b: int
+    winner: Winner
+
+
+class ComparisonPublic(BaseModel):
+    """A stored comparison."""
+
+    id: int
+    generation_a: int
+    generation_b: int
+    winner: Winner
+    created_at: datetime
+    updated_at: datetime

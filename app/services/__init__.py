@@ -1,0 +1,1 @@
+"""Business logic, free of web imports: routers and workers both call it."""

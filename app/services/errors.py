@@ -1,0 +1,28 @@
+"""Errors services raise; the web layer maps each to a status code."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error a caller can fix."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(ServiceError):
+    """The thing asked for does not exist (404)."""
+
+
+class Conflict(ServiceError):
+    """The request clashes with the current state (409)."""
+
+
+class InvalidInput(ServiceError):
+    """A field's value is not acceptable (422); `field` names it, `location` says where it was."""
+
+    def __init__(self, field: str, message: str, location: str = "body") -> None:
+        super().__init__(message)
+        self.field = field
+        self.location = location

@@ -1,0 +1,97 @@
+"""Recording ratings: feedback on one generation and comparisons of two."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.models import Comparison, Feedback, Thumbs, Winner
+from app.services.errors import InvalidInput
+from app.services.generations import get_generation
+
+
+@dataclass(frozen=True)
+class Rating:
+    """The fields a rater set; None leaves a stored value as it is."""
+
+    thumbs: Thumbs | None = None
+    stars: int | None = None
+    comment: str | None = None
+    correction: str | None = None
+
+
+def rate(
+    session: Session, api_key_id: int, generation_id: int, rating: Rating
+) -> tuple[Feedback, bool]:
+    """Store a key's rating of a generation; a repeat updates it. Returns (row, created)."""
+    generation = get_generation(session, generation_id)
+    if rating.correction is not None and rating.correction.strip() == generation.output.strip():
+        raise InvalidInput("correction", "the correction is the same as the model's output")
+    for attempt in range(2):
+        feedback = session.scalar(
+            select(Feedback).where(
+                Feedback.generation_id == generation_id, Feedback.api_key_id == api_key_id
+            )
+        )
+        created = feedback is None
+        if feedback is None:
+            feedback = Feedback(generation_id=generation_id, api_key_id=api_key_id)
+            session.add(feedback)
+        for field in ("thumbs", "stars", "comment", "correction"):
+            value = getattr(rating, field)
+            if value is not None:
+                setattr(feedback, field, value)
+        try:
+            session.commit()
+        except IntegrityError:
+            # The same key rated the same generation concurrently: update the row that won.
+            session.rollback()
+            if attempt:
+                raise
+            continue
+        return feedback, created
+    raise AssertionError("unreachable")
+
+
+def compare(
+    session: Session, api_key_id: int, generation_a: int, generation_b: int, winner: Winner
+) -> tuple[Comparison, bool]:
+    """Store a key's choice between two answers to the same input. Returns (row, created)."""
+    if generation_a == generation_b:
+        raise InvalidInput("generation_b", "generation_b must differ from generation_a")
+    first = get_generation(session, generation_a)
+    second = get_generation(session, generation_b)
+    if (first.task, first.input_hash) != (second.task, second.input_hash):
+        raise InvalidInput(
+            "generation_b", "both generations must answer the same task and input to be compared"
+        )
+    low, high = sorted((generation_a, generation_b))
+    for attempt in range(2):
+        comparison = session.scalar(
+            select(Comparison).where(
+                Comparison.api_key_id == api_key_id,
+                Comparison.low_generation_id == low,
+                Comparison.high_generation_id == high,
+            )
+        )
+        created = comparison is None
+        if comparison is None:
+            comparison = Comparison(
+                api_key_id=api_key_id, low_generation_id=low, high_generation_id=high
+            )
+            session.add(comparison)
+        comparison.generation_a_id = generation_a
+        comparison.generation_b_id = generation_b
+        comparison.winner = winner
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            if attempt:
+                raise
+            continue
+        return comparison, created
+    raise AssertionError("unreachable")

@@ -1,0 +1,158 @@
+"""Shared fixtures: a tiny model with the real tokenizer, migrated databases, the app."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from app.config import Settings
+from app.db import Base, make_engine, make_sessionmaker
+from app.main import create_app
+from app.migrate import upgrade
+
+ROOT = Path(__file__).resolve().parents[1]
+# Downloads and conversions survive between runs here (git-ignored).
+CACHE = Path(os.environ.get("FEEDBACK_LM_TEST_CACHE", ROOT / ".cache"))
+PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_TEST_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+ADMIN_KEY = "test-admin-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dir() -> Path:
+    """The default model's tokenizer (and chat template), extracted from its GGUF once."""
+    target = CACHE / "tokenizer"
+    if not (target / "tokenizer_config.json").is_file():
+        from app.ml.loading import fetch_default_gguf, tokenizer_from_gguf
+
+        tokenizer = tokenizer_from_gguf(fetch_default_gguf(CACHE / "gguf"))
+        partial = target.with_name("tokenizer.partial")
+        tokenizer.save_pretrained(partial)
+        partial.rename(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(real_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised Llama with the default model's shape family and its real tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(real_tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    target = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database on this machine, dropped at the end."""
+    name = f"flm_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0]
+    url = f"{url}/{name}"
+    upgrade(url)
+    yield url
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A migrated SQLite database file."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'test.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Each API test runs on PostgreSQL and on SQLite, starting from empty tables."""
+    url: str = request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
+    engine = make_engine(url)
+    tables = [table.name for table in reversed(Base.metadata.sorted_tables)]
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+        else:
+            for table in tables:
+                conn.execute(text(f"DELETE FROM {table}"))
+            conn.execute(text("DELETE FROM sqlite_sequence")) if _has_sqlite_sequence(
+                conn
+            ) else None
+    engine.dispose()
+    return url
+
+
+def _has_sqlite_sequence(conn: object) -> bool:
+    result = conn.execute(  # type: ignore[attr-defined]
+        text("SELECT name FROM sqlite_master WHERE name='sqlite_sequence'")
+    )
+    return result.first() is not None
+
+
+@pytest.fixture
+def settings(db_url: str, tiny_model_dir: Path, tmp_path: Path) -> Settings:
+    """Settings for one test: its own data directory, the tiny model, a known admin key."""
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        model=str(tiny_model_dir),
+        model_dtype="float32",
+        admin_api_key=ADMIN_KEY,
+        max_prompt_chars=2000,
+    )
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    """The app, started (lifespan run) against the test database."""
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def admin() -> dict[str, str]:
+    """Headers of the bootstrap admin key."""
+    return {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture
+def user(client: TestClient, admin: dict[str, str]) -> dict[str, str]:
+    """Headers of a fresh user key."""
+    response = client.post("/v1/keys", json={"name": "rater", "role": "user"}, headers=admin)
+    assert response.status_code == 201, response.text
+    return {"Authorization": f"Bearer {response.json()['key']}"}
+
+
+@pytest.fixture
+def sessions(settings: Settings) -> Iterator[object]:
+    """A session factory on the test database, to check what was stored."""
+    engine = make_engine(settings.sqlalchemy_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()

@@ -1,0 +1,1 @@
+"""Celery workers: the background side of the service."""

@@ -1,0 +1,62 @@
+"""A real Celery worker process consumes tasks from Redis and from the embedded broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from app.config import Settings
+from tests.conftest import REDIS_TEST_URL
+from worker.celery_app import broker_urls, make_celery
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def worker_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Settings for the embedded broker (files in the data dir) or the Redis on this machine."""
+    if request.param == "redis":
+        redis.Redis.from_url(REDIS_TEST_URL).flushdb()
+        return Settings(_env_file=None, data_dir=tmp_path, redis_url=REDIS_TEST_URL)  # type: ignore[call-arg]
+    return Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def running_worker(worker_settings: Settings) -> Iterator[subprocess.Popen[str]]:
+    """`celery worker` as a separate process, configured only through the environment."""
+    env = {**os.environ, "DATA_DIR": str(worker_settings.data_dir), "REDIS_URL": worker_settings.redis_url or ""}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
+         "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    yield process
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_broker_choice_follows_settings(tmp_path: Path) -> None:
+    """REDIS_URL set: Redis for broker and results; unset: SQLite files in the data directory."""
+    redis_settings = Settings(_env_file=None, data_dir=tmp_path, redis_url="redis://h:6379/0")  # type: ignore[call-arg]
+    assert broker_urls(redis_settings) == ("redis://h:6379/0", "redis://h:6379/0")
+    broker, backend = broker_urls(Settings(_env_file=None, data_dir=tmp_path))  # type: ignore[call-arg]
+    assert broker == f"sqla+sqlite:///{tmp_path.resolve() / 'broker.db'}"
+    assert backend == f"db+sqlite:///{tmp_path.resolve() / 'results.db'}"
+
+
+def test_a_task_makes_the_round_trip(worker_settings: Settings, running_worker: subprocess.Popen[str]) -> None:
+    """A task sent by name is run by the worker process and its result comes back."""
+    app = make_celery(worker_settings)
+    result = app.send_task("worker.ping")
+    answer = result.get(timeout=60)
+    assert running_worker.poll() is None
+    assert set(answer) == {"worker", "at"}
+    assert answer["worker"]

@@ -35,6 +35,19 @@ class Settings(BaseSettings):
     """Longest accepted input text (prompt, text, question plus context), in characters."""
     log_level: str = "INFO"
 
+    training_interval: Annotated[float, Field(gt=0)] = 3600
+    """Seconds between scheduled training rounds."""
+    training_min_items: Annotated[int, Field(ge=1)] = 16
+    """Fewest new usable ratings a round trains on; with fewer it is skipped."""
+    training_max_per_rater: Annotated[int, Field(ge=1)] = 64
+    """Most ratings one rater contributes to a round (their newest)."""
+    training_holdout_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    """Newest share of a round's ratings kept back for the promotion gate."""
+    training_stale_after: Annotated[float, Field(gt=0)] = 600
+    """A running round with no heartbeat for this many seconds is declared lost."""
+    swap_poll_interval: Annotated[float, Field(gt=0)] = 2.0
+    """Seconds between checks of the database for a newly active version."""
+
     @field_validator("database_url", "redis_url", "admin_api_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -74,9 +87,23 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'feedback.db'}"
 
     @property
+    def celery_urls(self) -> tuple[str, str]:
+        """(broker, result backend): Redis when set, else SQLite files in the data directory."""
+        if self.redis_url:
+            return self.redis_url, self.redis_url
+        # kombu's SQLAlchemy transport and Celery's database backend need no server.
+        data_dir = self.data_dir.resolve()
+        return f"sqla+sqlite:///{data_dir / 'broker.db'}", f"db+sqlite:///{data_dir / 'results.db'}"
+
+    @property
     def admin_key_file(self) -> Path:
         """Where a generated bootstrap admin key is kept (owner-readable only)."""
         return self.data_dir / "admin_key"
+
+    @property
+    def versions_dir(self) -> Path:
+        """Where trained versions (adapters with manifests) live."""
+        return self.data_dir / "versions"
 
     @property
     def models_dir(self) -> Path:

@@ -11,15 +11,15 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import OperationalError
 
-from app.api import feedback, generation, health, keys, models
+from app.api import feedback, generation, health, keys, models, training
 from app.config import Settings, load_settings
 from app.db import make_engine, make_sessionmaker
 from app.migrate import is_current
 from app.ml.engine import Engine
 from app.ml.registry import ModelRegistry, NoModelLoaded
-from app.services.errors import Conflict, InvalidInput, NotFound, ServiceError
+from app.services.errors import Conflict, InvalidInput, NotFound, ServiceError, Unavailable
 from app.services.keys import ensure_bootstrap_admin
-from app.services.serving import load_active_version
+from app.services.serving import VersionFollower, load_base_version
 
 log = logging.getLogger("app")
 
@@ -47,12 +47,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             log.warning("created the admin API key (kept in %s)", settings.admin_key_file)
         registry = ModelRegistry()
         with sessions() as session:
-            registry.activate(load_active_version(session, settings))
+            base = load_base_version(session, settings)
+        registry.activate(base)
+        follower = VersionFollower(sessions, settings, registry, base)
+        follower.sync()  # a trained version may be the active one
+        follower.start()
         app.state.sessionmaker = sessions
         app.state.registry = registry
         app.state.engine = Engine(registry)
+        app.state.follower = follower
         log.info("serving model version %s", registry.active.name)
         yield
+        follower.stop()
     finally:
         db_engine.dispose()
 
@@ -73,6 +79,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             return _error(status.HTTP_404_NOT_FOUND, exc.message)
         if isinstance(exc, Conflict):
             return _error(status.HTTP_409_CONFLICT, exc.message)
+        if isinstance(exc, Unavailable):
+            response = _error(status.HTTP_503_SERVICE_UNAVAILABLE, exc.message)
+            response.headers["Retry-After"] = "10"
+            return response
         return _error(status.HTTP_400_BAD_REQUEST, exc.message)
 
     @app.exception_handler(NoModelLoaded)
@@ -101,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     _install_error_handlers(app)
-    for router in (health.router, generation.router, feedback.router, models.router, keys.router):
+    routers = (health, generation, feedback, models, training, keys)
+    for router in (module.router for module in routers):
         app.include_router(router)
     return app

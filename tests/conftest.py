@@ -93,6 +93,12 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 def db_url(request: pytest.FixtureRequest) -> str:
     """Each API test runs on PostgreSQL and on SQLite, starting from empty tables."""
     url: str = request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
+    reset_database(url)
+    return url
+
+
+def reset_database(url: str) -> None:
+    """Empty every table (the schema stays migrated)."""
     engine = make_engine(url)
     tables = [table.name for table in reversed(Base.metadata.sorted_tables)]
     with engine.begin() as conn:
@@ -101,11 +107,9 @@ def db_url(request: pytest.FixtureRequest) -> str:
         else:
             for table in tables:
                 conn.execute(text(f"DELETE FROM {table}"))
-            conn.execute(text("DELETE FROM sqlite_sequence")) if _has_sqlite_sequence(
-                conn
-            ) else None
+            if _has_sqlite_sequence(conn):
+                conn.execute(text("DELETE FROM sqlite_sequence"))
     engine.dispose()
-    return url
 
 
 def _has_sqlite_sequence(conn: object) -> bool:

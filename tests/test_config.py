@@ -50,12 +50,15 @@ def test_empty_values_mean_unset() -> None:
 
 @pytest.mark.parametrize(
     ("env", "name", "secret"),
-    [({"PORT": "eighty"}, "PORT", None), ({"ADMIN_API_KEY": "tiny-secret"}, "ADMIN_API_KEY", "tiny-secret")],
+    [
+        ({"PORT": "eighty"}, "PORT", None),
+        ({"ADMIN_API_KEY": "tiny-secret"}, "ADMIN_API_KEY", "tiny-secret"),
+    ],
 )
 def test_cli_stops_with_one_line_naming_the_setting(
     tmp_path: Path, env: dict[str, str], name: str, secret: str | None
 ) -> None:
-    """`python -m app.cli setup` with a wrong setting exits 2 with one line; secrets are not echoed."""
+    """`app.cli setup` with a wrong setting exits 2 with one line; secrets are not echoed."""
     environment = {**os.environ, "DATA_DIR": str(tmp_path), **env}
     result = subprocess.run(
         [sys.executable, "-m", "app.cli", "setup"], cwd=tmp_path, env=environment,

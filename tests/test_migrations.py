@@ -40,7 +40,9 @@ def test_downgrade_and_upgrade_round_trip(tmp_path: pytest.TempPathFactory) -> N
         engine.dispose()
 
 
-def test_app_refuses_an_unmigrated_database(tmp_path: pytest.TempPathFactory, tiny_model_dir: object) -> None:
+def test_app_refuses_an_unmigrated_database(
+    tmp_path: pytest.TempPathFactory, tiny_model_dir: object
+) -> None:
     """Starting on an empty database fails with a message that says how to migrate."""
     from fastapi.testclient import TestClient
 
@@ -53,5 +55,8 @@ def test_app_refuses_an_unmigrated_database(tmp_path: pytest.TempPathFactory, ti
         model=str(tiny_model_dir),
         admin_api_key="an-admin-key-for-tests",
     )
-    with pytest.raises(StartupError, match=r"python -m app\.cli setup"), TestClient(create_app(settings)):
+    with (
+        pytest.raises(StartupError, match=r"python -m app\.cli setup"),
+        TestClient(create_app(settings)),
+    ):
         pass

@@ -1,4 +1,4 @@
-"""The real default model (SmolLM2-135M-Instruct from its PyPI wheel), prepared the way `make run` does."""
+"""The real default model (SmolLM2-135M-Instruct from its wheel), prepared as `make run` does."""
 
 from __future__ import annotations
 
@@ -33,7 +33,11 @@ def test_default_model_answers_the_capital_of_france(tmp_path: Path) -> None:
     with TestClient(create_app(settings)) as client:
         response = client.post(
             "/v1/qa",
-            json={"question": "What is the capital of France?", "temperature": 0, "max_new_tokens": 24},
+            json={
+                "question": "What is the capital of France?",
+                "temperature": 0,
+                "max_new_tokens": 24,
+            },
             headers={"Authorization": f"Bearer {ADMIN_KEY}"},
         )
     assert response.status_code == 200, response.text

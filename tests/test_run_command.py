@@ -29,7 +29,9 @@ def _start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
-def _wait_ready(base: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+def _wait_ready(
+    base: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, log.read_text()
@@ -55,7 +57,11 @@ def test_run_serves_with_worker_and_beat_then_restarts_with_everything_kept(
     """First run: migrates, prints the admin key, serves, worker answers; a rerun keeps it all."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k not in {"ADMIN_API_KEY", "REDIS_URL", "DATABASE_URL"}}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"ADMIN_API_KEY", "REDIS_URL", "DATABASE_URL"}
+    }
     env |= {"DATA_DIR": str(tmp_path / "data"), "MODEL": str(tiny_model_dir), "PORT": str(port),
             "MODEL_DTYPE": "float32"}  # fmt: skip
     log = tmp_path / "run.log"
@@ -73,7 +79,9 @@ def test_run_serves_with_worker_and_beat_then_restarts_with_everything_kept(
 
         assert len(_children(process.pid)) == 3  # api, worker, beat
         headers = {"Authorization": f"Bearer {key}"}
-        answer = httpx.post(f"{base}/v1/generate", json={"prompt": "Hi", "max_new_tokens": 4}, headers=headers)
+        answer = httpx.post(
+            f"{base}/v1/generate", json={"prompt": "Hi", "max_new_tokens": 4}, headers=headers
+        )
         assert answer.status_code == 200, answer.text
         ping = subprocess.run(
             [sys.executable, "-m", "app.cli", "worker-ping", "--timeout", "60"], env=env,
@@ -85,7 +93,9 @@ def test_run_serves_with_worker_and_beat_then_restarts_with_everything_kept(
     finally:
         assert _stop(process) == 0
     for pid in children:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
 
     log.write_text("")
     process = _start(env, log)

@@ -14,7 +14,7 @@ import redis
 
 from app.config import Settings
 from tests.conftest import REDIS_TEST_URL
-from worker.celery_app import broker_urls, make_celery
+from worker.celery_app import make_celery
 
 
 @pytest.fixture(params=["embedded", "redis"])
@@ -29,7 +29,11 @@ def worker_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 @pytest.fixture
 def running_worker(worker_settings: Settings) -> Iterator[subprocess.Popen[str]]:
     """`celery worker` as a separate process, configured only through the environment."""
-    env = {**os.environ, "DATA_DIR": str(worker_settings.data_dir), "REDIS_URL": worker_settings.redis_url or ""}
+    env = {
+        **os.environ,
+        "DATA_DIR": str(worker_settings.data_dir),
+        "REDIS_URL": worker_settings.redis_url or "",
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
          "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
@@ -46,13 +50,15 @@ def running_worker(worker_settings: Settings) -> Iterator[subprocess.Popen[str]]
 def test_broker_choice_follows_settings(tmp_path: Path) -> None:
     """REDIS_URL set: Redis for broker and results; unset: SQLite files in the data directory."""
     redis_settings = Settings(_env_file=None, data_dir=tmp_path, redis_url="redis://h:6379/0")  # type: ignore[call-arg]
-    assert broker_urls(redis_settings) == ("redis://h:6379/0", "redis://h:6379/0")
-    broker, backend = broker_urls(Settings(_env_file=None, data_dir=tmp_path))  # type: ignore[call-arg]
+    assert redis_settings.celery_urls == ("redis://h:6379/0", "redis://h:6379/0")
+    broker, backend = Settings(_env_file=None, data_dir=tmp_path).celery_urls  # type: ignore[call-arg]
     assert broker == f"sqla+sqlite:///{tmp_path.resolve() / 'broker.db'}"
     assert backend == f"db+sqlite:///{tmp_path.resolve() / 'results.db'}"
 
 
-def test_a_task_makes_the_round_trip(worker_settings: Settings, running_worker: subprocess.Popen[str]) -> None:
+def test_a_task_makes_the_round_trip(
+    worker_settings: Settings, running_worker: subprocess.Popen[str]
+) -> None:
     """A task sent by name is run by the worker process and its result comes back."""
     app = make_celery(worker_settings)
     result = app.send_task("worker.ping")

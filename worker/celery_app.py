@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, load_settings
-
-
-def broker_urls(settings: Settings) -> tuple[str, str]:
-    """(broker, result backend) for these settings."""
-    if settings.redis_url:
-        return settings.redis_url, settings.redis_url
-    # kombu's SQLAlchemy transport and Celery's database backend: files in the data directory.
-    data_dir = settings.data_dir.resolve()
-    return f"sqla+sqlite:///{data_dir / 'broker.db'}", f"db+sqlite:///{data_dir / 'results.db'}"
+from app.db import make_engine, make_sessionmaker
 
 
 def make_celery(settings: Settings) -> Celery:
-    """Build the Celery app for these settings."""
-    broker, backend = broker_urls(settings)
+    """Build the Celery app for these settings, with the training schedule for beat."""
+    broker, backend = settings.celery_urls
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = Celery("feedback_lm", broker=broker, backend=backend, include=["worker.tasks"])
     app.conf.update(
@@ -31,8 +26,21 @@ def make_celery(settings: Settings) -> Celery:
         timezone="UTC",
         broker_connection_retry_on_startup=True,
         result_expires=7 * 24 * 3600,
+        beat_schedule={
+            "training-round": {
+                "task": "training.scheduled_round",
+                "schedule": settings.training_interval,
+            }
+        },
     )
     return app
 
 
-celery_app = make_celery(load_settings())
+settings = load_settings()
+celery_app = make_celery(settings)
+
+
+@cache
+def sessions() -> sessionmaker[Session]:
+    """This worker process's session factory (made on first use, after the fork)."""
+    return make_sessionmaker(make_engine(settings.sqlalchemy_url))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Path, status
 
 from app.deps import AdminKey, SessionDep
 from app.schemas.keys import KeyCreate, KeyCreated, KeyPublic
@@ -25,6 +27,8 @@ def list_keys(_: AdminKey, session: SessionDep) -> list[KeyPublic]:
 
 
 @router.delete("/{key_id}", status_code=status.HTTP_204_NO_CONTENT)
-def revoke_key(key_id: int, _: AdminKey, session: SessionDep) -> None:
+def revoke_key(
+    key_id: Annotated[int, Path(ge=1, le=2**31 - 1)], _: AdminKey, session: SessionDep
+) -> None:
     """Revoke a key: it stops working at once; what it did stays recorded."""
     keys.revoke_key(session, key_id)

@@ -1,33 +1,52 @@
-"""Model versions."""
+"""Model versions: list them, and activate one (which is also how to roll back)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from app.deps import CurrentKey, SessionDep
+from app.deps import AdminKey, CurrentKey, SessionDep, SettingsDep
+from app.models import ModelVersion
 from app.schemas.models import ModelList, ModelVersionPublic
-from app.services.versions import list_versions
+from app.services.notify import announce_activation
+from app.services.versions import activate_by_name, list_versions
 
 router = APIRouter(prefix="/v1", tags=["models"])
+
+
+def _public(version: ModelVersion, serving_id: int | None) -> ModelVersionPublic:
+    return ModelVersionPublic(
+        name=version.name,
+        kind=version.kind,
+        base_model=version.base_model,
+        parent=version.manifest.get("parent"),
+        status=version.status,
+        status_reason=version.status_reason,
+        serving=version.id == serving_id,
+        metrics=version.manifest.get("metrics", {}),
+        created_at=version.created_at,
+        activated_at=version.activated_at,
+    )
+
+
+def _serving_id(request: Request) -> int | None:
+    registry = request.app.state.registry
+    return int(registry.active.id) if registry.ready else None
 
 
 @router.get("/models", response_model=ModelList)
 def models(_: CurrentKey, session: SessionDep, request: Request) -> ModelList:
     """Every model version, the first base model first, and which one this process serves."""
-    registry = request.app.state.registry
-    serving_id = registry.active.id if registry.ready else None
-    return ModelList(
-        data=[
-            ModelVersionPublic(
-                name=v.name,
-                kind=v.kind,
-                base_model=v.base_model,
-                status=v.status,
-                status_reason=v.status_reason,
-                serving=v.id == serving_id,
-                created_at=v.created_at,
-                activated_at=v.activated_at,
-            )
-            for v in list_versions(session)
-        ]
-    )
+    serving_id = _serving_id(request)
+    return ModelList(data=[_public(v, serving_id) for v in list_versions(session)])
+
+
+@router.post("/models/{name}/activate", response_model=ModelVersionPublic)
+def activate(
+    name: str, _: AdminKey, session: SessionDep, settings: SettingsDep, request: Request
+) -> ModelVersionPublic:
+    """Make a version the active one (roll back by activating an earlier one); every API process
+    serves it within seconds. A version whose files fail verification is refused (409)."""
+    version = activate_by_name(session, name, settings.model)
+    announce_activation(settings.redis_url, version.id)
+    request.app.state.follower.wake()
+    return _public(version, _serving_id(request))

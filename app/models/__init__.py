@@ -4,6 +4,7 @@ from app.models.api_key import ApiKey, Role
 from app.models.feedback import Comparison, Feedback, Thumbs, Winner
 from app.models.generation import Generation, Task
 from app.models.model_version import ModelVersion, VersionKind, VersionStatus
+from app.models.training_run import RunStatus, TrainingRun
 
 __all__ = [
     "ApiKey",
@@ -12,8 +13,10 @@ __all__ = [
     "Generation",
     "ModelVersion",
     "Role",
+    "RunStatus",
     "Task",
     "Thumbs",
+    "TrainingRun",
     "VersionKind",
     "VersionStatus",
     "Winner",

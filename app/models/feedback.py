@@ -44,6 +44,8 @@ class Feedback(Base):
     correction: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    used_in_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"), index=True)
+    """The training round that trained on it; set only when that round ended."""
 
 
 class Comparison(Base):
@@ -65,3 +67,5 @@ class Comparison(Base):
     api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    used_in_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"), index=True)
+    """The training round that trained on it; set only when that round ended."""

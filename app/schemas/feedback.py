@@ -10,6 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from app.models import Thumbs, Winner
 from app.schemas.common import NonBlank, StrictModel
 
+# Ids are JSON integers (strict: `true` or "7" is no id) within the database's 32-bit INTEGER,
+# so an out-of-range id is a 422 rather than a database error.
+GenerationId = Annotated[int, Field(strict=True, ge=1, le=2**31 - 1)]
+Stars = Annotated[int, Field(strict=True, ge=1, le=5)]
+"""1 to 5 as a JSON integer: `true` must not be stored as 1 star."""
+
 
 class FeedbackCreate(StrictModel):
     """A rating of one generation: at least one of thumbs, stars, correction."""
@@ -19,9 +25,9 @@ class FeedbackCreate(StrictModel):
         json_schema_extra={"examples": [{"generation_id": 1, "thumbs": "up", "stars": 5}]},
     )
 
-    generation_id: int
+    generation_id: GenerationId
     thumbs: Thumbs | None = None
-    stars: Annotated[int | None, Field(ge=1, le=5)] = None
+    stars: Stars | None = None
     comment: Annotated[str | None, Field(max_length=4000)] = None
     correction: Annotated[
         NonBlank | None,
@@ -58,8 +64,8 @@ class ComparisonCreate(StrictModel):
         json_schema_extra={"examples": [{"generation_a": 1, "generation_b": 2, "winner": "a"}]},
     )
 
-    generation_a: int
-    generation_b: int
+    generation_a: GenerationId
+    generation_b: GenerationId
     winner: Winner
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -17,10 +18,14 @@ class ModelVersionPublic(BaseModel):
     name: str
     kind: VersionKind
     base_model: str
+    parent: str | None
+    """The version it was trained from (adapters)."""
     status: VersionStatus
     status_reason: str | None
     serving: bool
     """Whether this process is serving it right now."""
+    metrics: dict[str, Any]
+    """Training and gate measurements (adapters)."""
     created_at: datetime
     activated_at: datetime | None
 

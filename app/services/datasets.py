@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from sqlalchemy import select
@@ -35,6 +36,7 @@ class KtoRow:
     feedback_id: int
     generation_id: int
     rater_id: int
+    created_at: datetime
 
     def trl(self) -> dict[str, object]:
         """The row in TRL's KTO format."""
@@ -52,6 +54,7 @@ class PairRow:
     """`comparison` or `correction`."""
     source_id: int
     rater_id: int
+    created_at: datetime
 
     def trl(self) -> dict[str, object]:
         """The row in TRL's DPO format."""
@@ -79,7 +82,7 @@ def desirability(thumbs: Thumbs | None, stars: int | None) -> bool | None:
     return stars >= 4
 
 
-def kto_rows(session: Session) -> Iterator[KtoRow]:
+def kto_rows(session: Session, unused_only: bool = False) -> Iterator[KtoRow]:
     """One row per thumbs or stars rating that carries a signal, oldest first."""
     query = (
         select(Feedback, Generation)
@@ -87,6 +90,8 @@ def kto_rows(session: Session) -> Iterator[KtoRow]:
         .where((Feedback.thumbs.is_not(None)) | (Feedback.stars.is_not(None)))
         .order_by(Feedback.id)
     )
+    if unused_only:
+        query = query.where(Feedback.used_in_run_id.is_(None))
     for feedback, generation in session.execute(query):
         label = desirability(feedback.thumbs, feedback.stars)
         if label is not None:
@@ -97,10 +102,11 @@ def kto_rows(session: Session) -> Iterator[KtoRow]:
                 feedback.id,
                 generation.id,
                 feedback.api_key_id,
+                feedback.updated_at,
             )
 
 
-def pair_rows(session: Session) -> Iterator[PairRow]:
+def pair_rows(session: Session, unused_only: bool = False) -> Iterator[PairRow]:
     """Pairs from comparisons with a winner, then from corrections, oldest first."""
     side_a, side_b = aliased(Generation), aliased(Generation)
     comparisons = (
@@ -110,17 +116,19 @@ def pair_rows(session: Session) -> Iterator[PairRow]:
         .where(Comparison.winner != Winner.tie)
         .order_by(Comparison.id)
     )
+    if unused_only:
+        comparisons = comparisons.where(Comparison.used_in_run_id.is_(None))
     for comparison, a, b in session.execute(comparisons):
         chosen, rejected = (a, b) if comparison.winner is Winner.a else (b, a)
         yield PairRow(
             a.prompt, chosen.output, rejected.output, "comparison", comparison.id,
-            comparison.api_key_id,
+            comparison.api_key_id, comparison.updated_at,
         )  # fmt: skip
-    for feedback, generation in _corrections(session):
+    for feedback, generation in _corrections(session, unused_only):
         assert feedback.correction is not None
         yield PairRow(
             generation.prompt, feedback.correction, generation.output, "correction", feedback.id,
-            feedback.api_key_id,
+            feedback.api_key_id, feedback.updated_at,
         )  # fmt: skip
 
 
@@ -134,11 +142,15 @@ def sft_rows(session: Session) -> Iterator[SftRow]:
         yield SftRow(generation.prompt, feedback.correction)
 
 
-def _corrections(session: Session) -> Iterator[tuple[Feedback, Generation]]:
+def _corrections(
+    session: Session, unused_only: bool = False
+) -> Iterator[tuple[Feedback, Generation]]:
     query = (
         select(Feedback, Generation)
         .join(Generation, Feedback.generation_id == Generation.id)
         .where(Feedback.correction.is_not(None))
         .order_by(Feedback.id)
     )
+    if unused_only:
+        query = query.where(Feedback.used_in_run_id.is_(None))
     yield from session.execute(query).tuples()

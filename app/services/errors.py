@@ -19,6 +19,10 @@ class Conflict(ServiceError):
     """The request clashes with the current state (409)."""
 
 
+class Unavailable(ServiceError):
+    """A service the request needs is down (503); retrying later can succeed."""
+
+
 class InvalidInput(ServiceError):
     """A field's value is not acceptable (422); `field` names it, `location` says where it was."""
 

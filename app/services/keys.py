@@ -52,6 +52,18 @@ def list_keys(session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
 
 
+LAST_ADMIN = "this is the last active admin key; create another admin key first"
+
+
+def _active_admin_ids(session: Session, *, lock: bool = False) -> list[int]:
+    query = (
+        select(ApiKey.id)
+        .where(ApiKey.role == Role.admin, ApiKey.revoked_at.is_(None))
+        .order_by(ApiKey.id)
+    )
+    return list(session.scalars(query.with_for_update() if lock else query))
+
+
 def revoke_key(session: Session, key_id: int) -> ApiKey:
     """Revoke a key; the last active admin key cannot be revoked (nobody could manage keys)."""
     key = session.get(ApiKey, key_id)
@@ -59,13 +71,23 @@ def revoke_key(session: Session, key_id: int) -> ApiKey:
         raise NotFound(f"API key {key_id} does not exist")
     if key.revoked_at is not None:
         return key
+    # Two admins revoking each other at the same moment must not both succeed. PostgreSQL: lock
+    # the active admin keys (in id order, so no deadlock) before deciding. SQLite has no row locks
+    # but one writer at a time: count again once this revocation is written and holds the lock.
     if key.role is Role.admin:
-        admins = session.scalar(
-            select(func.count()).where(ApiKey.role == Role.admin, ApiKey.revoked_at.is_(None))
-        )
-        if admins == 1:
-            raise Conflict("this is the last active admin key; create another admin key first")
+        active = _active_admin_ids(session, lock=True)
+        if key.id not in active:  # revoked meanwhile
+            session.rollback()
+            return key
+        if len(active) == 1:
+            session.rollback()
+            raise Conflict(LAST_ADMIN)
     key.revoked_at = utcnow()
+    if key.role is Role.admin:
+        session.flush()
+        if not _active_admin_ids(session):
+            session.rollback()
+            raise Conflict(LAST_ADMIN)
     session.commit()
     return key
 

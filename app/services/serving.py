@@ -1,15 +1,23 @@
-"""What a serving process loads: the active version, built on the configured base model."""
+"""What a serving process loads, and how it follows the active version without a restart."""
 
 from __future__ import annotations
 
+import copy
+import logging
+import threading
 from pathlib import Path
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import DEFAULT_MODEL, Settings
+from app.ml.checkpoints import CorruptCheckpoint, verify_checkpoint
 from app.ml.loading import DEFAULT_SOURCE, load_model, resolve_dtype
-from app.ml.registry import ServingVersion
-from app.services.versions import ensure_base_version
+from app.ml.registry import ModelRegistry, ServingVersion
+from app.models import ModelVersion, VersionKind, VersionStatus
+from app.services.notify import CHANNEL
+from app.services.versions import activate, active_version, base_of, ensure_base_version
+
+log = logging.getLogger(__name__)
 
 
 class ModelNotPrepared(RuntimeError):
@@ -28,9 +36,119 @@ def base_model_dir(settings: Settings) -> Path:
     return path
 
 
-def load_active_version(session: Session, settings: Settings) -> ServingVersion:
-    """Register the base version if needed and load the active one."""
+def load_base_version(session: Session, settings: Settings) -> ServingVersion:
+    """Register the configured base model as a version if needed, and load it."""
     path = base_model_dir(settings)
-    version = ensure_base_version(session, settings.model, str(path))
-    model, tokenizer = load_model(Path(version.path), resolve_dtype(settings.model_dtype))
-    return ServingVersion(version.id, version.name, model, tokenizer)
+    base = base_of(session, ensure_base_version(session, settings.model, str(path)))
+    model, tokenizer = load_model(path, resolve_dtype(settings.model_dtype))
+    return ServingVersion(base.id, base.name, model, tokenizer)
+
+
+def load_adapter_version(row: ModelVersion, base: ServingVersion) -> ServingVersion:
+    """Verify an adapter version's files and build it on a copy of the base, merged for speed."""
+    from peft import PeftModel  # heavy; only processes that swap need it
+
+    verify_checkpoint(Path(row.path))
+    model = PeftModel.from_pretrained(copy.deepcopy(base.model), row.path)
+    merged = model.merge_and_unload()
+    merged.eval()
+    return ServingVersion(row.id, row.name, merged, base.tokenizer)
+
+
+class VersionFollower:
+    """Keeps a process on the active version: polls the database, woken early by Redis messages.
+
+    Loading happens on this background thread; the registry swaps a pointer, so requests in
+    flight finish on the version they started with.
+    """
+
+    def __init__(
+        self, sessions: sessionmaker[Session], settings: Settings, registry: ModelRegistry,
+        base: ServingVersion,
+    ) -> None:  # fmt: skip
+        self.sessions = sessions
+        self.settings = settings
+        self.registry = registry
+        self.base = base
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Start following in background threads."""
+        self._threads = [threading.Thread(target=self._poll, name="version-follower", daemon=True)]
+        if self.settings.redis_url:
+            self._threads.append(
+                threading.Thread(target=self._listen, name="version-listener", daemon=True)
+            )
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Stop the threads."""
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def wake(self) -> None:
+        """Check for a new active version now rather than at the next poll."""
+        self._wake.set()
+
+    def sync(self) -> None:
+        """Serve the active version now if it is not what this process serves."""
+        with self.sessions() as session:
+            row = active_version(session)
+            if row is None or row.id == self.registry.active.id:
+                return
+            if row.kind is VersionKind.base:
+                if row.id != self.base.id:
+                    log.warning(
+                        "version %s is a different base model; restart to serve it", row.name
+                    )
+                    return
+                self.registry.activate(self.base)
+            else:
+                try:
+                    self.registry.activate(load_adapter_version(row, self.base))
+                except (CorruptCheckpoint, OSError, ValueError) as exc:
+                    self._refuse(session, row, str(exc))
+                    return
+            log.info("now serving model version %s", row.name)
+
+    def _refuse(self, session: Session, row: ModelVersion, reason: str) -> None:
+        """Mark a version that cannot be loaded as refused and put back what this process serves."""
+        log.error("refused model version %s: %s", row.name, reason)
+        row.status = VersionStatus.refused
+        row.status_reason = reason
+        session.flush()
+        serving = session.get(ModelVersion, self.registry.active.id)
+        if serving is not None and serving.status is not VersionStatus.refused:
+            activate(session, serving)
+        else:
+            session.commit()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sync()
+            except Exception:  # a database outage must not kill the follower
+                log.exception("checking the active model version failed")
+            self._wake.wait(self.settings.swap_poll_interval)
+            self._wake.clear()
+
+    def _listen(self) -> None:
+        import redis
+
+        assert self.settings.redis_url
+        while not self._stop.is_set():
+            try:
+                client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CHANNEL)
+                while not self._stop.is_set():
+                    if pubsub.get_message(timeout=1.0) is not None:
+                        self._wake.set()
+            except redis.RedisError as exc:
+                log.warning("version announcements unavailable (%s); polling only", exc)
+                self._stop.wait(5)

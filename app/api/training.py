@@ -1,0 +1,86 @@
+"""Training rounds."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response, status
+
+from app.deps import AdminKey, CurrentKey, SessionDep, SettingsDep
+from app.models import TrainingRun
+from app.schemas.training import TrainingRunCreate, TrainingRunPublic
+from app.services import training
+from app.services.queue import TaskQueue
+
+router = APIRouter(prefix="/v1/training", tags=["training"])
+
+
+def get_queue(request: Request) -> TaskQueue:
+    """The task queue (made on first use: most requests never need the broker)."""
+    queue: TaskQueue | None = getattr(request.app.state, "queue", None)
+    if queue is None:
+        queue = request.app.state.queue = TaskQueue(request.app.state.settings)
+    return queue
+
+
+def public(run: TrainingRun) -> TrainingRunPublic:
+    """The API's view of a run."""
+    return TrainingRunPublic(
+        id=run.id,
+        status=run.status,
+        trigger=run.trigger,
+        parent_version=run.parent_version.name if run.parent_version else None,
+        version=run.version.name if run.version else None,
+        reason=run.reason,
+        counts=run.counts,
+        metrics=run.metrics,
+        history=run.history,
+        config=run.config,
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        heartbeat_at=run.heartbeat_at,
+    )
+
+
+@router.post(
+    "/runs",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TrainingRunPublic,
+    responses={200: {"model": TrainingRunPublic, "description": "A round is already live."}},
+)
+def start_run(
+    key: AdminKey,
+    session: SessionDep,
+    settings: SettingsDep,
+    queue: Annotated[TaskQueue, Depends(get_queue)],
+    response: Response,
+    body: TrainingRunCreate | None = None,
+) -> TrainingRunPublic:
+    """Start a training round now (202); while one is live, that one is returned (200)."""
+    config = {}
+    if body is not None and body.train is not None:
+        config["train"] = body.train.to_dict()
+    if body is not None and body.gate is not None:
+        config["gate"] = body.gate.to_dict()
+    run, created = training.start_run(
+        session, queue, requested_by_id=key.id, config=config,
+        stale_after=settings.training_stale_after,
+    )  # fmt: skip
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return public(run)
+
+
+@router.get("/runs", response_model=list[TrainingRunPublic])
+def list_runs(
+    _: CurrentKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50
+) -> list[TrainingRunPublic]:
+    """Training rounds, newest first."""
+    return [public(run) for run in training.list_runs(session, limit)]
+
+
+@router.get("/runs/{run_id}", response_model=TrainingRunPublic)
+def get_run(run_id: int, _: CurrentKey, session: SessionDep) -> TrainingRunPublic:
+    """One training round."""
+    return public(training.get_run(session, run_id))

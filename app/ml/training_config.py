@@ -1,0 +1,72 @@
+"""Hyper-parameters of a training round and thresholds of its promotion gate.
+
+Plain validated dataclasses: the API checks a requested override before queueing a round, and the
+worker records the values used on the run and in the version's manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TrainConfig:
+    """How a round trains its LoRA adapter."""
+
+    lora_r: Annotated[int, Field(ge=1, le=256)] = 16
+    """LoRA rank (used when the round starts a new adapter)."""
+    lora_alpha: Annotated[int, Field(ge=1)] = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )  # fmt: skip
+    """Which linear layers get adapters (all of a Llama block's)."""
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 5e-5
+    """LoRA tolerates 1e-5 to 1e-4 for preference losses."""
+    epochs: Annotated[int, Field(ge=1, le=100)] = 2
+    batch_size: Annotated[int, Field(ge=2, le=256)] = 8
+    """KTO needs at least 2 per batch (its KL term pairs mismatched examples); TRL advises 4+."""
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    """Strength of the pull towards the reference, which is always the original base model."""
+    max_length: Annotated[int, Field(ge=16)] = 512
+    """Prompt plus completion tokens; longer examples are truncated."""
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values."""
+        values = asdict(self)
+        values["target_modules"] = list(self.target_modules)
+        return values
+
+
+@dataclass(frozen=True, config=_STRICT)
+class GateConfig:
+    """What a candidate must show before it serves anyone."""
+
+    min_preference_gain: float = 0.0
+    """Held-out gain it must exceed: how much more than the active version the candidate prefers
+    what raters preferred, in mean per-token log-probability."""
+    max_kl: Annotated[float, Field(gt=0)] = 0.5
+    """Largest mean per-token KL(candidate || base) on the fixed prompts, in nats."""
+    max_repetition: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """Largest share of repeated 4-grams in its fixed-prompt answers (or the active's + 0.1)."""
+    max_empty_fraction: Annotated[float, Field(ge=0, le=1)] = 0.25
+    """Largest share of empty answers (or the active version's share, when higher)."""
+    min_length_ratio: Annotated[float, Field(gt=0)] = 0.5
+    """Shortest allowed mean answer length, relative to the active version's."""
+    max_length_ratio: Annotated[float, Field(gt=0)] = 2.0
+    """Longest allowed mean answer length, relative to the active version's."""
+    max_new_tokens: Annotated[int, Field(ge=1, le=512)] = 48
+    """Tokens generated per fixed prompt."""
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values."""
+        return asdict(self)

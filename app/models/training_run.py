@@ -1,0 +1,64 @@
+"""Training rounds: what each used, what it measured, what it made."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Enum, ForeignKey, String, Text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.db import Base, UTCDateTime, utcnow
+from app.models.model_version import ModelVersion
+
+
+class RunStatus(enum.StrEnum):
+    """Where a round is: queued and running are live; the others are final."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    """A candidate was made, passed the gate and is active."""
+    rejected = "rejected"
+    """A candidate was made but failed the gate; `reason` says which check."""
+    skipped = "skipped"
+    """Too little new feedback; nothing was trained and nothing marked used."""
+    failed = "failed"
+    """An error or a lost worker; nothing was published and nothing marked used."""
+
+
+LIVE_STATUSES = (RunStatus.queued, RunStatus.running)
+
+
+class TrainingRun(Base):
+    """One round of preference optimisation."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[RunStatus] = mapped_column(
+        Enum(RunStatus, native_enum=False, length=16), index=True
+    )
+    # True while queued or running, NULL after: the unique constraint allows one live round.
+    live: Mapped[bool | None] = mapped_column(Boolean, unique=True)
+    trigger: Mapped[str] = mapped_column(String(16))
+    """`manual` (API or CLI) or `schedule` (beat)."""
+    requested_by_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
+    parent_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    counts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    """Training log per step (loss, KL, reward margins), for curves."""
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    parent_version: Mapped[ModelVersion | None] = relationship(
+        foreign_keys=[parent_version_id], lazy="joined"
+    )
+    version: Mapped[ModelVersion | None] = relationship(foreign_keys=[version_id], lazy="joined")

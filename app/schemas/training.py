@@ -1,0 +1,43 @@
+"""Training rounds."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.ml.training_config import GateConfig, TrainConfig
+from app.models import RunStatus
+from app.schemas.common import StrictModel
+
+
+class TrainingRunCreate(StrictModel):
+    """Start a round now; optionally override hyper-parameters or gate thresholds for it."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{}, {"train": {"learning_rate": 1e-4, "epochs": 3}}]},
+    )
+
+    train: TrainConfig | None = None
+    gate: GateConfig | None = None
+
+
+class TrainingRunPublic(BaseModel):
+    """A round: status, timing, data counts, metrics and what it made."""
+
+    id: int
+    status: RunStatus
+    trigger: str
+    parent_version: str | None = Field(description="The version it trained from.")
+    version: str | None = Field(description="The version it made (active or rejected).")
+    reason: str | None = Field(description="Why it was skipped, rejected or failed.")
+    counts: dict[str, Any]
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = Field(description="Per-step loss, KL and reward margins.")
+    config: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None

@@ -1,0 +1,221 @@
+"""Training rounds on the tiny model, called as plain functions (the worker tests use Celery)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file
+from sqlalchemy import select
+
+from app.config import Settings
+from app.models import Comparison, Feedback, ModelVersion, RunStatus, TrainingRun, VersionStatus
+from app.services.training import request_run
+from tests.conftest import reset_database
+from worker.training.rounds import run_round
+
+BETTER = "Certainly! Here is a short, friendly answer."
+# Rounds on the tiny model stay fast: few ratings, one pass, short gate answers.
+FAST = {"learning_rate": 1e-2, "epochs": 1, "batch_size": 8}
+QUICK_GATE = {"max_new_tokens": 8}
+RATED = 10
+
+
+@pytest.fixture
+def db_url(pg_url: str) -> str:
+    """Rounds run on PostgreSQL here; the worker tests run them on the embedded path too."""
+    reset_database(pg_url)
+    return pg_url
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """A small minimum, so rounds on the tiny model need only a few ratings."""
+    return settings.model_copy(update={"training_min_items": 4})
+
+
+def rate_with_corrections(client: TestClient, headers: dict[str, str], count: int) -> list[int]:
+    """`count` generations, each rated down and corrected to the same better answer."""
+    ids = []
+    for i in range(count):
+        generation = client.post(
+            "/v1/generate", json={"prompt": f"Question number {i}?", "max_new_tokens": 6, "seed": i},
+            headers=headers,
+        ).json()  # fmt: skip
+        ids.append(generation["id"])
+        response = client.post(
+            "/v1/feedback",
+            json={"generation_id": generation["id"], "thumbs": "down", "correction": BETTER},
+            headers=headers,
+        )
+        assert response.status_code == 201, response.text
+    return ids
+
+
+def start(sessions: Any, config: dict[str, Any] | None = None) -> int:
+    with sessions() as session:
+        run, created = request_run(session, trigger="manual", config=config or {})
+        assert created
+        return run.id
+
+
+def test_a_round_trains_gates_and_activates_an_adapter(
+    client: TestClient, admin: dict[str, str], sessions: Any, settings: Settings
+) -> None:
+    """Enough ratings: a LoRA adapter is trained, passes the gate, becomes active and is served."""
+    rate_with_corrections(client, admin, RATED)
+    run_id = start(sessions, {"train": FAST, "gate": QUICK_GATE})
+    assert run_round(sessions, settings, run_id) is RunStatus.succeeded
+
+    run = client.get(f"/v1/training/runs/{run_id}", headers=admin).json()
+    assert run["status"] == "succeeded", run
+    assert run["version"] == "v1" and run["parent_version"] == "v0"
+    assert run["counts"]["train_kto"] == 8 and run["counts"]["train_pairs"] == 8
+    assert run["counts"]["heldout_kto"] == 2 and run["counts"]["heldout_pairs"] == 2
+    assert run["metrics"]["preference_gain"] > 0
+    assert run["metrics"]["pair_accuracy_candidate"] >= run["metrics"]["pair_accuracy_active"]
+    assert {"kl_to_base", "repetition", "length_ratio", "kto_loss", "dpo_loss"} <= set(
+        run["metrics"]
+    )
+    assert [h["phase"] for h in run["history"]].count("kto") >= 1
+    assert run["config"]["train"]["learning_rate"] == FAST["learning_rate"]
+
+    # The version directory is complete and self-describing, and LoRA weights moved from zero.
+    version_dir = settings.versions_dir / "v1"
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    assert manifest["parent"] == "v0" and manifest["training_run"] == run_id
+    assert set(manifest["files"]) == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+    }
+    assert len(manifest["data"]["feedback_ids"]) == 8
+    weights = load_file(version_dir / "adapter_model.safetensors")
+    lora_b = [t for name, t in weights.items() if "lora_B" in name]
+    assert lora_b and any(torch.count_nonzero(t) > 0 for t in lora_b)  # B starts at zero
+
+    # Only the training part counts as used; the held-out ratings stay for later rounds.
+    with sessions() as session:
+        used = session.scalars(select(Feedback).where(Feedback.used_in_run_id == run_id)).all()
+        assert len(used) == 8
+        versions = {v.name: v.status.value for v in session.scalars(select(ModelVersion))}
+    assert versions == {"v0": "retired", "v1": "active"}
+
+    # The running app follows the new active version without a restart.
+    client.app.state.follower.sync()  # type: ignore[attr-defined]
+    answer = client.post(
+        "/v1/generate", json={"prompt": "Hello?", "max_new_tokens": 4}, headers=admin
+    )
+    assert answer.json()["model_version"] == "v1"
+    models = client.get("/v1/models", headers=admin).json()["data"]
+    assert [(m["name"], m["status"], m["serving"]) for m in models] == [
+        ("v0", "retired", False),
+        ("v1", "active", True),
+    ]
+
+
+def test_too_little_feedback_skips_and_uses_nothing(
+    client: TestClient, admin: dict[str, str], sessions: Any, settings: Settings
+) -> None:
+    """Below TRAINING_MIN_ITEMS the round is skipped with the reason; no rating is marked used."""
+    rate_with_corrections(client, admin, 2)
+    run_id = start(sessions)
+    assert run_round(sessions, settings, run_id) is RunStatus.skipped
+    with sessions() as session:
+        run = session.get(TrainingRun, run_id)
+        assert run is not None and run.live is None
+        assert "minimum is 4 (TRAINING_MIN_ITEMS)" in (run.reason or "")
+        assert (
+            session.scalars(select(Feedback).where(Feedback.used_in_run_id.is_not(None))).all()
+            == []
+        )
+        assert session.scalars(select(ModelVersion)).one().name == "v0"
+
+
+def test_a_failing_gate_rejects_with_the_numbers(
+    client: TestClient, admin: dict[str, str], sessions: Any, settings: Settings
+) -> None:
+    """A candidate over the KL bound is kept as `rejected` with the reason; v0 keeps serving."""
+    rate_with_corrections(client, admin, RATED)
+    run_id = start(sessions, {"train": FAST, "gate": {**QUICK_GATE, "max_kl": 1e-9}})
+    assert run_round(sessions, settings, run_id) is RunStatus.rejected
+    run = client.get(f"/v1/training/runs/{run_id}", headers=admin).json()
+    assert "KL to the base model" in run["reason"] and "exceeds 1e-09" in run["reason"]
+    assert run["metrics"]["kl_to_base"] > 1e-9
+    models = {m["name"]: m for m in client.get("/v1/models", headers=admin).json()["data"]}
+    assert models["v1"]["status"] == "rejected" and models["v1"]["status_reason"] == run["reason"]
+    assert models["v0"]["status"] == "active" and models["v0"]["serving"]
+
+
+def test_one_round_at_a_time(client: TestClient, admin: dict[str, str], sessions: Any) -> None:
+    """Asking while a round is live answers with that round."""
+    with sessions() as session:
+        first, created = request_run(session, trigger="manual")
+        again, created_again = request_run(session, trigger="schedule")
+    assert created and not created_again and again.id == first.id
+
+
+def test_comparisons_train_too_and_rollback_by_activation(
+    client: TestClient, admin: dict[str, str], sessions: Any, settings: Settings
+) -> None:
+    """Comparisons count as pairs; an admin can activate the older version again (roll back)."""
+    rate_with_corrections(client, admin, RATED)
+    body = {"prompt": "Pick one", "max_new_tokens": 6}
+    a = client.post("/v1/generate", json={**body, "seed": 1}, headers=admin).json()["id"]
+    b = client.post("/v1/generate", json={**body, "seed": 2}, headers=admin).json()["id"]
+    client.post(
+        "/v1/comparisons", json={"generation_a": a, "generation_b": b, "winner": "b"}, headers=admin
+    )
+    run_id = start(sessions, {"train": FAST, "gate": QUICK_GATE})
+    run_round(sessions, settings, run_id)
+    with sessions() as session:
+        run = session.get(TrainingRun, run_id)
+        assert run is not None
+        assert run.counts["train_pairs"] + run.counts["heldout_pairs"] == RATED + 1
+        comparison = session.scalars(select(Comparison)).one()
+        heldout = run.counts["heldout_pairs"] > 0 and comparison.used_in_run_id is None
+        assert comparison.used_in_run_id == run_id or heldout
+    response = client.post("/v1/models/v0/activate", headers=admin)
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "active"
+    client.app.state.follower.sync()  # type: ignore[attr-defined]
+    answer = client.post("/v1/generate", json={"prompt": "Hi", "max_new_tokens": 2}, headers=admin)
+    assert answer.json()["model_version"] == "v0"
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_a_corrupt_version_is_refused_and_the_previous_keeps_serving(
+    client: TestClient, admin: dict[str, str], sessions: Any, settings: Settings, damage: str
+) -> None:
+    """A version whose files fail their sha256 is refused, visibly, and serving stays on v0."""
+    rate_with_corrections(client, admin, RATED)
+    run_round(sessions, settings, start(sessions, {"train": FAST, "gate": QUICK_GATE}))
+    client.post("/v1/models/v0/activate", headers=admin)
+    client.app.state.follower.sync()  # type: ignore[attr-defined]
+    weights: Path = settings.versions_dir / "v1" / "adapter_model.safetensors"
+    if damage == "corrupt":
+        weights.write_bytes(weights.read_bytes()[:-16] + b"\0" * 16)
+    else:
+        weights.unlink()
+
+    # Through the API: refused with the reason.
+    response = client.post("/v1/models/v1/activate", headers=admin)
+    assert response.status_code == 409
+    assert "adapter_model.safetensors" in response.json()["detail"]
+
+    # Behind the API's back (as a worker would): the follower refuses it too.
+    with sessions() as session:
+        v0, v1 = session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
+        v0.status, v1.status, v1.status_reason = VersionStatus.retired, VersionStatus.active, None
+        session.commit()
+    client.app.state.follower.sync()  # type: ignore[attr-defined]
+    models = {m["name"]: m for m in client.get("/v1/models", headers=admin).json()["data"]}
+    assert models["v1"]["status"] == "refused"
+    assert "adapter_model.safetensors" in models["v1"]["status_reason"]
+    assert models["v0"]["status"] == "active" and models["v0"]["serving"]
+    answer = client.post("/v1/generate", json={"prompt": "Hi", "max_new_tokens": 2}, headers=admin)
+    assert answer.status_code == 200 and answer.json()["model_version"] == "v0"

@@ -1,0 +1,1 @@
+"""Turning ratings into a new model version: dataset, training, gate, publishing."""

@@ -1,0 +1,160 @@
+"""Preference optimisation of a LoRA adapter with TRL: KTO on single ratings, DPO on pairs."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback
+
+from app.ml.training_config import TrainConfig
+from app.services.datasets import KtoRow, PairRow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What training produced: the adapted model and its logged curves."""
+
+    model: PeftModel
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class _Heartbeat(TrainerCallback):
+    """Calls back after every optimiser step, so the round can show it is alive."""
+
+    def __init__(self, on_step: Callable[[int], None]) -> None:
+        self.on_step = on_step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.on_step(int(state.global_step))
+
+
+def load_base(path: Path) -> PreTrainedModel:
+    """The base model in float32 (training on CPU in bfloat16 loses too much precision)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+def kto_weights(rows: Sequence[KtoRow]) -> tuple[float, float]:
+    """(desirable, undesirable) weights keeping the weighted ratio within TRL's advised 1 to 4/3."""
+    desirable = sum(row.label for row in rows)
+    undesirable = len(rows) - desirable
+    if desirable == 0 or undesirable == 0:
+        return 1.0, 1.0
+    ratio = desirable / undesirable
+    if ratio < 1:
+        return undesirable / desirable, 1.0
+    if ratio > 4 / 3:
+        return 1.0, 3 * desirable / (4 * undesirable)
+    return 1.0, 1.0
+
+
+def train_adapter(
+    base_path: Path,
+    parent_adapter: Path | None,
+    kto_rows: Sequence[KtoRow],
+    pair_rows: Sequence[PairRow],
+    config: TrainConfig,
+    tokenizer: Any,
+    on_step: Callable[[int], None] = lambda step: None,
+) -> TrainResult:
+    """Train a LoRA adapter (continuing `parent_adapter` when given) against the original base."""
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+    torch.manual_seed(config.seed)
+    policy_base = load_base(base_path)
+    if parent_adapter is not None:
+        model = PeftModel.from_pretrained(policy_base, parent_adapter, is_trainable=True)
+    else:
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(policy_base, lora)
+    # The reference is the original base, loaded separately: TRL would otherwise use a copy of the
+    # starting adapter, and rounds would drift further from the base one reference at a time.
+    reference = load_base(base_path).eval()
+    for parameter in reference.parameters():
+        parameter.requires_grad_(False)
+
+    common: dict[str, Any] = {
+        "per_device_train_batch_size": config.batch_size,
+        "num_train_epochs": config.epochs,
+        "learning_rate": config.learning_rate,
+        "beta": config.beta,
+        "max_length": config.max_length,
+        "seed": config.seed,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+    result = TrainResult(model=model)
+    callbacks: list[TrainerCallback] = [_Heartbeat(on_step)]
+    with tempfile.TemporaryDirectory(prefix="flm-train-") as scratch:
+        if kto_rows:
+            desirable_weight, undesirable_weight = kto_weights(kto_rows)
+            kto = KTOTrainer(
+                model=model,
+                ref_model=reference,
+                args=KTOConfig(
+                    output_dir=scratch,
+                    desirable_weight=desirable_weight,
+                    undesirable_weight=undesirable_weight,
+                    **common,
+                ),
+                train_dataset=Dataset.from_list([row.trl() for row in kto_rows]),
+                processing_class=tokenizer,
+                callbacks=callbacks,
+            )
+            kto.train()
+            result.history += _steps(kto.state.log_history, "kto")
+        if pair_rows:
+            dpo = DPOTrainer(
+                model=model,
+                ref_model=reference,
+                args=DPOConfig(output_dir=scratch, **common),
+                train_dataset=Dataset.from_list([row.trl() for row in pair_rows]),
+                processing_class=tokenizer,
+                callbacks=callbacks,
+            )
+            dpo.train()
+            result.history += _steps(dpo.state.log_history, "dpo")
+    result.metrics = _summary(result.history)
+    model.eval()
+    return result
+
+
+def _steps(log_history: list[dict[str, Any]], phase: str) -> list[dict[str, Any]]:
+    keep = ("loss", "kl", "rewards/margins", "rewards/chosen", "rewards/rejected", "grad_norm")
+    return [
+        {"phase": phase, "step": entry["step"], **{k: float(entry[k]) for k in keep if k in entry}}
+        for entry in log_history
+        if "loss" in entry
+    ]
+
+
+def _summary(history: list[dict[str, Any]]) -> dict[str, float]:
+    """The last logged value of each curve, per phase (e.g. `kto_loss`, `dpo_rewards/margins`)."""
+    summary: dict[str, float] = {}
+    for entry in history:
+        for key, value in entry.items():
+            if key not in {"phase", "step"}:
+                summary[f"{entry['phase']}_{key}"] = value
+    return summary

@@ -171,6 +171,54 @@ def keys_revoke(key_id: int) -> None:
     click.echo(f"revoked key {key_id}")
 
 
+@cli.command()
+@click.option("--inline", is_flag=True, help="Run the round in this process, not on a worker.")
+@click.option("--wait/--no-wait", default=True, help="Wait for the round to finish.")
+def train(inline: bool, wait: bool) -> None:
+    """Start a training round now (or show the one already live)."""
+    from app.models import RunStatus
+    from app.models.training_run import LIVE_STATUSES
+    from app.services import training
+    from app.services.errors import ServiceError
+    from app.services.queue import TaskQueue
+
+    settings = load_settings()
+    sessions = make_sessionmaker(make_engine(settings.sqlalchemy_url))
+    with sessions() as session:
+        if inline:
+            run, created = training.request_run(
+                session, trigger="manual", stale_after=settings.training_stale_after
+            )
+        else:
+            try:
+                run, created = training.start_run(
+                    session, TaskQueue(settings), requested_by_id=None, config={},
+                    stale_after=settings.training_stale_after,
+                )  # fmt: skip
+            except ServiceError as exc:
+                raise click.ClickException(exc.message) from None
+        run_id = run.id
+    click.echo(f"training run {run_id} {'queued' if created else 'is already live'}")
+    if inline and created:
+        from worker.training.rounds import run_round
+
+        run_round(sessions, settings, run_id)
+    status = RunStatus.queued
+    while wait:
+        with sessions() as session:
+            run = training.get_run(session, run_id)
+            status = run.status
+            if status not in LIVE_STATUSES:
+                version = run.version.name if run.version else "none"
+                click.echo(f"run {run_id}: {status.value}; version {version}")
+                if run.reason:
+                    click.echo(f"reason: {run.reason}")
+                break
+        time.sleep(2)
+    if status is RunStatus.failed:
+        raise SystemExit(1)
+
+
 @cli.command("worker-ping")
 @click.option("--timeout", default=30.0, help="Seconds to wait for a worker.")
 def worker_ping(timeout: float) -> None:

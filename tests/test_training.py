@@ -42,10 +42,8 @@ def rate_with_corrections(client: TestClient, headers: dict[str, str], count: in
     """`count` generations, each rated down and corrected to the same better answer."""
     ids = []
     for i in range(count):
-        generation = client.post(
-            "/v1/generate", json={"prompt": f"Question number {i}?", "max_new_tokens": 6, "seed": i},
-            headers=headers,
-        ).json()  # fmt: skip
+        body = {"prompt": f"Question number {i}?", "max_new_tokens": 6, "seed": i}
+        generation = client.post("/v1/generate", json=body, headers=headers).json()
         ids.append(generation["id"])
         response = client.post(
             "/v1/feedback",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 
 from app.deps import CurrentKey, EngineDep, SessionDep, SettingsDep
 from app.models import Task
@@ -22,6 +22,7 @@ from app.services import generations
 from app.services.errors import InvalidInput
 
 router = APIRouter(prefix="/v1", tags=["generation"])
+MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns; a larger one is a 422, not a database error
 
 
 @router.post("/generate", response_model=GenerateResponse)
@@ -83,7 +84,7 @@ def list_generations(
     """Recorded generations, newest first, one page at a time."""
     before_id = None
     if cursor is not None:
-        if not cursor.isdigit():
+        if not cursor.isdigit() or not 1 <= int(cursor) <= MAX_ID:
             raise InvalidInput("cursor", "not a cursor this API returned", "query")
         before_id = int(cursor)
     rows, next_id = generations.list_generations(
@@ -97,6 +98,8 @@ def list_generations(
 
 
 @router.get("/generations/{generation_id}", response_model=GenerationPublic)
-def get_generation(generation_id: int, _: CurrentKey, session: SessionDep) -> GenerationPublic:
+def get_generation(
+    generation_id: Annotated[int, Path(ge=1, le=MAX_ID)], _: CurrentKey, session: SessionDep
+) -> GenerationPublic:
     """One recorded generation."""
     return GenerationPublic.of(generations.get_generation(session, generation_id))

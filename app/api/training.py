@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 
 from app.deps import AdminKey, CurrentKey, SessionDep, SettingsDep
 from app.models import TrainingRun
@@ -81,6 +81,8 @@ def list_runs(
 
 
 @router.get("/runs/{run_id}", response_model=TrainingRunPublic)
-def get_run(run_id: int, _: CurrentKey, session: SessionDep) -> TrainingRunPublic:
+def get_run(
+    run_id: Annotated[int, Path(ge=1, le=2**31 - 1)], _: CurrentKey, session: SessionDep
+) -> TrainingRunPublic:
     """One training round."""
     return public(training.get_run(session, run_id))

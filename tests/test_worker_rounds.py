@@ -1,0 +1,185 @@
+"""Rounds through a real Celery worker process, on Redis and on the embedded broker, while the
+app keeps serving and follows the new version by itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from app.config import Settings
+from app.main import create_app
+from app.models import Feedback, ModelVersion, TrainingRun
+from tests.conftest import ADMIN_KEY, REDIS_TEST_URL, reset_database
+from tests.test_training import FAST, QUICK_GATE, rate_with_corrections
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def settings(request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path: Path) -> Settings:
+    """Redis broker with PostgreSQL, or the embedded broker with SQLite: the two deployments."""
+    if request.param == "redis":
+        redis.Redis.from_url(REDIS_TEST_URL).flushdb()
+        database_url: str = request.getfixturevalue("pg_url")
+        reset_database(database_url)
+    else:
+        database_url = request.getfixturevalue("sqlite_url")
+        reset_database(database_url)
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        redis_url=REDIS_TEST_URL if request.param == "redis" else None,
+        model=str(tiny_model_dir),
+        model_dtype="float32",
+        admin_api_key=ADMIN_KEY,
+        training_min_items=4,
+        training_stale_after=3,
+        swap_poll_interval=1.0 if request.param == "embedded" else 30.0,
+    )
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    values = {
+        "DATA_DIR": settings.data_dir, "DATABASE_URL": settings.sqlalchemy_url,
+        "REDIS_URL": settings.redis_url or "", "MODEL": settings.model,
+        "MODEL_DTYPE": settings.model_dtype, "ADMIN_API_KEY": settings.admin_api_key,
+        "TRAINING_MIN_ITEMS": settings.training_min_items,
+    }  # fmt: skip
+    return {**os.environ, **{k: str(v) for k, v in values.items()}}
+
+
+@pytest.fixture
+def start_worker(
+    settings: Settings, tmp_path: Path
+) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    """Start `celery worker` processes configured only through the environment."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"worker-{len(processes)}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
+             "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
+            env=_env(settings), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _final_run(client: TestClient, run_id: int, timeout: float = 240) -> dict[str, Any]:
+    def final() -> dict[str, Any] | None:
+        run = client.get(f"/v1/training/runs/{run_id}", headers=ADMIN).json()
+        return run if run["status"] not in ("queued", "running") else None
+
+    result: dict[str, Any] = _wait(final, timeout, f"run {run_id} to finish")
+    return result
+
+
+def test_round_on_a_worker_is_served_without_restart(
+    settings: Settings, start_worker: Callable[[], subprocess.Popen[bytes]]
+) -> None:
+    """POST /v1/training/runs: a worker trains and publishes; the running app swaps to it."""
+    start_worker()
+    with TestClient(create_app(settings)) as client:
+        rate_with_corrections(client, ADMIN, 10)
+        response = client.post(
+            "/v1/training/runs", json={"train": FAST, "gate": QUICK_GATE}, headers=ADMIN
+        )
+        assert response.status_code == 202, response.text
+        again = client.post("/v1/training/runs", headers=ADMIN)
+        assert again.status_code == 200 and again.json()["id"] == response.json()["id"]
+        run = _final_run(client, response.json()["id"])
+        assert run["status"] == "succeeded", run
+        assert run["version"] == "v1"
+
+        def served() -> bool:
+            body = {"prompt": "Hi", "max_new_tokens": 2}
+            answer = client.post("/v1/generate", json=body, headers=ADMIN).json()
+            return bool(answer["model_version"] == "v1")
+
+        # Redis announces it at once; without Redis the 1 s poll finds it.
+        _wait(served, 10, "the app to serve v1")
+
+
+def test_worker_killed_mid_round_leaves_nothing_half_done(
+    settings: Settings, start_worker: Callable[[], subprocess.Popen[bytes]], sessions: Any
+) -> None:
+    """SIGKILL during training: no new version, no used feedback; the next round succeeds."""
+    worker = start_worker()
+    with TestClient(create_app(settings)) as client:
+        rate_with_corrections(client, ADMIN, 10)
+        slow = {"train": {**FAST, "epochs": 50}, "gate": QUICK_GATE}
+        run_id = client.post("/v1/training/runs", json=slow, headers=ADMIN).json()["id"]
+
+        def training_started() -> bool:
+            with sessions() as session:
+                run = session.get(TrainingRun, run_id)
+                return bool(
+                    run
+                    and run.started_at
+                    and run.heartbeat_at
+                    and run.heartbeat_at > run.started_at
+                )
+
+        _wait(training_started, 120, "training steps")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+
+        with sessions() as session:
+            assert [v.name for v in session.scalars(select(ModelVersion))] == ["v0"]
+            used = session.scalars(select(Feedback).where(Feedback.used_in_run_id.is_not(None)))
+            assert used.all() == []
+        versions_dir = settings.data_dir / "versions"
+        leftovers = [p.name for p in versions_dir.iterdir()] if versions_dir.exists() else []
+        assert all(name.startswith(".tmp-") for name in leftovers), leftovers
+        models = client.get("/v1/models", headers=ADMIN).json()["data"]
+        assert [(m["name"], m["status"], m["serving"]) for m in models] == [("v0", "active", True)]
+        assert (
+            client.post(
+                "/v1/generate", json={"prompt": "Hi", "max_new_tokens": 2}, headers=ADMIN
+            ).status_code
+            == 200
+        )
+
+        # Once its heartbeat is stale the lost round is declared failed and a new one can run.
+        start_worker()
+        time.sleep(settings.training_stale_after + 1)
+        response = client.post(
+            "/v1/training/runs", json={"train": FAST, "gate": QUICK_GATE}, headers=ADMIN
+        )
+        assert response.status_code == 202, response.text
+        lost = client.get(f"/v1/training/runs/{run_id}", headers=ADMIN).json()
+        assert lost["status"] == "failed" and "worker lost" in lost["reason"]
+        run = _final_run(client, response.json()["id"])
+        assert run["status"] == "succeeded", run

@@ -183,3 +183,37 @@ def test_worker_killed_mid_round_leaves_nothing_half_done(
         assert lost["status"] == "failed" and "worker lost" in lost["reason"]
         run = _final_run(client, response.json()["id"])
         assert run["status"] == "succeeded", run
+
+
+def test_beat_starts_rounds_on_schedule(settings: Settings, tmp_path: Path, sessions: Any) -> None:
+    """Beat with TRAINING_INTERVAL=2 queues rounds that a worker runs (skipped: no ratings yet)."""
+    env = {**_env(settings), "TRAINING_INTERVAL": "2"}
+    common = ["--loglevel", "INFO"]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", *command, *common],
+            env=env,
+            stdout=(tmp_path / f"{command[0]}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        for command in (
+            ["worker", "--pool", "solo", "--without-heartbeat", "--without-gossip"],
+            ["beat", "--schedule", str(tmp_path / "beat-schedule")],
+        )
+    ]
+    with TestClient(create_app(settings)):  # migrated database, base version registered
+        pass
+    try:
+
+        def scheduled_runs() -> list[TrainingRun]:
+            with sessions() as session:
+                query = select(TrainingRun).where(TrainingRun.trigger == "schedule")
+                return [run for run in session.scalars(query) if run.status.value == "skipped"]
+
+        runs = _wait(scheduled_runs, 90, "a scheduled round")
+        assert "minimum is 4" in (runs[0].reason or "")
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait(timeout=30)

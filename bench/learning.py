@@ -2,8 +2,9 @@
 the REST API, rounds run on a worker, and the approval rate on held-out prompts is printed for
 each version, with its KL to the base.
 
-The raters' preference: an answer is good when it is concise (at most --max-words words); each
-rater follows it with probability --agreement and otherwise flips a coin. Approval on held-out
+The raters' preference: an answer is good when it gets to the point, i.e. its first sentence has
+at most --max-words words (about a third of the default model's answers do); each rater follows
+that rule with probability --agreement and otherwise flips a coin. Approval on held-out
 prompts is judged by the rule itself (no noise). Target on the default model: at least +20 points
 after at most 3 rounds of at most 128 ratings each.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -51,9 +53,9 @@ def prompts() -> tuple[list[str], list[str]]:
 
 
 def good(answer: str, max_words: int) -> bool:
-    """The raters' hidden rule."""
-    words = answer.split()
-    return 0 < len(words) <= max_words
+    """The raters' hidden rule: a short first sentence."""
+    first = re.split(r"(?<=[.!?])\s", answer.strip(), maxsplit=1)[0]
+    return 0 < len(first.split()) <= max_words
 
 
 def wait_ready(base: str, timeout: float = 300) -> None:
@@ -95,8 +97,8 @@ def main() -> None:
     parser.add_argument(
         "--agreement", type=float, default=0.9, help="how often a rater follows the rule"
     )
-    parser.add_argument("--max-words", type=int, default=30)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-words", type=int, default=10, help="first-sentence words")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--min-length-ratio", type=float, default=0.5, help="gate bound")

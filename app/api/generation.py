@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
+from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.deps import CurrentKey, EngineDep, SessionDep, SettingsDep
-from app.models import Task
+from app.ml.engine import Engine
+from app.models import ApiKey, Task
 from app.schemas.generation import (
     GenerateRequest,
     GenerateResponse,
@@ -25,6 +28,22 @@ router = APIRouter(prefix="/v1", tags=["generation"])
 MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns; a larger one is a 422, not a database error
 
 
+def _answer(
+    task: Task,
+    body: GenerateRequest | TranslateRequest | QARequest,
+    key: ApiKey,
+    session: Session,
+    engine: Engine,
+    settings: Settings,
+) -> tuple[GenerationPublic, dict[str, Any]]:
+    """Generate and record; the response fields and the task's input fields."""
+    row = generations.create_generation(
+        session, engine, api_key_id=key.id, task=task, data=body.task_input(),
+        params=body.sampling(), max_chars=settings.max_prompt_chars,
+    )  # fmt: skip
+    return GenerationPublic.of(row), row.input
+
+
 @router.post("/generate", response_model=GenerateResponse)
 def generate(
     body: GenerateRequest,
@@ -34,11 +53,8 @@ def generate(
     settings: SettingsDep,
 ) -> GenerateResponse:
     """Answer a prompt, and record the generation."""
-    row = generations.create_generation(
-        session, engine, api_key_id=key.id, task=Task.generate, data=body.task_input(),
-        params=body.sampling(), max_chars=settings.max_prompt_chars,
-    )  # fmt: skip
-    return GenerateResponse(**GenerationPublic.of(row).model_dump(), **row.input)
+    public, fields = _answer(Task.generate, body, key, session, engine, settings)
+    return GenerateResponse(**public.model_dump(), **fields)
 
 
 @router.post("/translate", response_model=TranslateResponse)
@@ -50,11 +66,8 @@ def translate(
     settings: SettingsDep,
 ) -> TranslateResponse:
     """Translate a text into `target_lang`, and record the generation."""
-    row = generations.create_generation(
-        session, engine, api_key_id=key.id, task=Task.translate, data=body.task_input(),
-        params=body.sampling(), max_chars=settings.max_prompt_chars,
-    )  # fmt: skip
-    return TranslateResponse(**GenerationPublic.of(row).model_dump(), **row.input)
+    public, fields = _answer(Task.translate, body, key, session, engine, settings)
+    return TranslateResponse(**public.model_dump(), **fields)
 
 
 @router.post("/qa", response_model=QAResponse)
@@ -62,11 +75,8 @@ def qa(
     body: QARequest, key: CurrentKey, session: SessionDep, engine: EngineDep, settings: SettingsDep
 ) -> QAResponse:
     """Answer a question, from `context` when given, and record the generation."""
-    row = generations.create_generation(
-        session, engine, api_key_id=key.id, task=Task.qa, data=body.task_input(),
-        params=body.sampling(), max_chars=settings.max_prompt_chars,
-    )  # fmt: skip
-    return QAResponse(**GenerationPublic.of(row).model_dump(), **row.input)
+    public, fields = _answer(Task.qa, body, key, session, engine, settings)
+    return QAResponse(**public.model_dump(), **fields)
 
 
 @router.get("/generations", response_model=GenerationPage)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -11,6 +13,8 @@ from sqlalchemy.orm import Session
 from app.models import Comparison, Feedback, Thumbs, Winner
 from app.services.errors import InvalidInput
 from app.services.generations import get_generation
+
+Row = TypeVar("Row", Feedback, Comparison)
 
 
 @dataclass(frozen=True)
@@ -30,30 +34,23 @@ def rate(
     generation = get_generation(session, generation_id)
     if rating.correction is not None and rating.correction.strip() == generation.output.strip():
         raise InvalidInput("correction", "the correction is the same as the model's output")
-    for attempt in range(2):
-        feedback = session.scalar(
-            select(Feedback).where(
-                Feedback.generation_id == generation_id, Feedback.api_key_id == api_key_id
-            )
-        )
-        created = feedback is None
-        if feedback is None:
-            feedback = Feedback(generation_id=generation_id, api_key_id=api_key_id)
-            session.add(feedback)
+
+    def apply(feedback: Feedback) -> None:
         for field in ("thumbs", "stars", "comment", "correction"):
             value = getattr(rating, field)
             if value is not None:
                 setattr(feedback, field, value)
-        try:
-            session.commit()
-        except IntegrityError:
-            # The same key rated the same generation concurrently: update the row that won.
-            session.rollback()
-            if attempt:
-                raise
-            continue
-        return feedback, created
-    raise AssertionError("unreachable")
+
+    return _upsert(
+        session,
+        lambda: session.scalar(
+            select(Feedback).where(
+                Feedback.generation_id == generation_id, Feedback.api_key_id == api_key_id
+            )
+        ),
+        lambda: Feedback(generation_id=generation_id, api_key_id=api_key_id),
+        apply,
+    )
 
 
 def compare(
@@ -69,23 +66,44 @@ def compare(
             "generation_b", "both generations must answer the same task and input to be compared"
         )
     low, high = sorted((generation_a, generation_b))
-    for attempt in range(2):
-        comparison = session.scalar(
+
+    def apply(comparison: Comparison) -> None:
+        comparison.generation_a_id = generation_a
+        comparison.generation_b_id = generation_b
+        comparison.winner = winner
+
+    return _upsert(
+        session,
+        lambda: session.scalar(
             select(Comparison).where(
                 Comparison.api_key_id == api_key_id,
                 Comparison.low_generation_id == low,
                 Comparison.high_generation_id == high,
             )
-        )
-        created = comparison is None
-        if comparison is None:
-            comparison = Comparison(
-                api_key_id=api_key_id, low_generation_id=low, high_generation_id=high
-            )
-            session.add(comparison)
-        comparison.generation_a_id = generation_a
-        comparison.generation_b_id = generation_b
-        comparison.winner = winner
+        ),
+        lambda: Comparison(api_key_id=api_key_id, low_generation_id=low, high_generation_id=high),
+        apply,
+    )
+
+
+def _upsert(
+    session: Session,
+    find: Callable[[], Row | None],
+    create: Callable[[], Row],
+    apply: Callable[[Row], None],
+) -> tuple[Row, bool]:
+    """Update the row `find` returns, or add the one `create` makes; returns (row, created).
+
+    When the same key writes the same row concurrently, the unique constraint stops the second
+    insert; that writer retries once and updates the row that won.
+    """
+    for attempt in range(2):
+        row = find()
+        created = row is None
+        if row is None:
+            row = create()
+            session.add(row)
+        apply(row)
         try:
             session.commit()
         except IntegrityError:
@@ -93,5 +111,5 @@ def compare(
             if attempt:
                 raise
             continue
-        return comparison, created
+        return row, created
     raise AssertionError("unreachable")

@@ -68,7 +68,7 @@ def test_run_serves_with_worker_and_beat_then_restarts_with_everything_kept(
 
     process = _start(env, log)
     try:
-        _wait_ready(base, process, log)
+        _wait_ready(process, log)
         output = log.read_text()
         match = re.search(r"Admin API key \(shown once.*\):\n\s+(flm_\S+)", output)
         assert match, output
@@ -100,7 +100,7 @@ def test_run_serves_with_worker_and_beat_then_restarts_with_everything_kept(
     log.write_text("")
     process = _start(env, log)
     try:
-        _wait_ready(base, process, log)
+        _wait_ready(process, log)
         assert "flm_" not in log.read_text()  # the key is printed on the first start only
         kept = httpx.get(f"{base}/v1/generations/{answer.json()['id']}", headers=headers)
         assert kept.status_code == 200

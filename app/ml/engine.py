@@ -63,9 +63,11 @@ class Engine:
         )
         return str(rendered)
 
-    def generate(self, prompt: str, params: SamplingParams) -> Completion:
-        """Generate one answer to an already rendered prompt."""
-        version = self.registry.active
+    def generate(
+        self, prompt: str, params: SamplingParams, version: ServingVersion | None = None
+    ) -> Completion:
+        """Generate one answer to an already rendered prompt, on `version` (default: the active)."""
+        version = version or self.registry.active
         tokenizer, model = version.tokenizer, version.model
         # The chat template already carries the special tokens; adding more would change the prompt.
         input_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids

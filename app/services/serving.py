@@ -129,6 +129,8 @@ class VersionFollower:
             session.commit()
 
     def _poll(self) -> None:
+        import peft  # noqa: F401  (imported here, once, so the first swap does not pay for it)
+
         while not self._stop.is_set():
             try:
                 self.sync()

@@ -127,6 +127,11 @@ def main() -> None:
     try:
         wait_ready(base)
         client = httpx.Client(headers=HEADERS, timeout=600)
+        # Several raters, as in a real deployment (each contributes at most its cap per round).
+        raters = []
+        for index in range(args.raters):
+            key = client.post(f"{base}/v1/keys", json={"name": f"rater-{index}"}).json()["key"]
+            raters.append({"Authorization": f"Bearer {key}"})
         started = time.perf_counter()
         rate, version = approval(client, base, heldout, args)
         rows.append({"version": version, "approval": rate, "kl": 0.0, "run": "-"})

@@ -148,9 +148,8 @@ def main() -> None:
                     verdict = rng.random() < 0.5
                 approved_in_round += verdict
                 thumbs = "up" if verdict else "down"
-                client.post(
-                    f"{base}/v1/feedback", json={"generation_id": answer["id"], "thumbs": thumbs}
-                )
+                rating = {"generation_id": answer["id"], "thumbs": thumbs}
+                client.post(f"{base}/v1/feedback", json=rating, headers=raters[i % len(raters)])
             print(
                 f"round {round_index + 1}: {args.ratings} ratings, {approved_in_round} thumbs up",
                 flush=True,

@@ -94,6 +94,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ratings", type=int, default=128, help="ratings per round")
+    parser.add_argument("--raters", type=int, default=4, help="rater keys sharing the ratings")
     parser.add_argument(
         "--agreement", type=float, default=0.9, help="how often a rater follows the rule"
     )

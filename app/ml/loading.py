@@ -108,11 +108,24 @@ def prepare_default_model(models_dir: Path, source: DefaultModelSource = DEFAULT
     return convert_gguf(gguf_path, target)
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), not by emulation."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
 def resolve_dtype(name: str) -> torch.dtype:
-    """`auto` picks bfloat16 on CPUs with AVX2 or better (measured faster here), else float32."""
+    """`auto` is bfloat16 where the CPU has it natively, else float32.
+
+    Measured here (AVX2, no native bfloat16): merging a LoRA update from one feedback round into
+    bfloat16 weights changed 3% of them and kept 0.24 correlation with the update, so most of what
+    a round learned was lost; serving in float32 keeps all of it.
+    """
     if name == "auto":
-        capability = torch.backends.cpu.get_cpu_capability()
-        return torch.bfloat16 if capability.startswith(("AVX2", "AVX512")) else torch.float32
+        return torch.bfloat16 if native_bfloat16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 

@@ -29,9 +29,7 @@ def _start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
-def _wait_ready(
-    base: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120
-) -> None:
+def _wait_ready(process: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, log.read_text()

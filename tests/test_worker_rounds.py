@@ -128,8 +128,9 @@ def test_round_on_a_worker_is_served_without_restart(
             answer = client.post("/v1/generate", json=body, headers=ADMIN).json()
             return bool(answer["model_version"] == "v1")
 
-        # Redis announces it at once; without Redis the 1 s poll finds it.
-        _wait(served, 10, "the app to serve v1")
+        # Redis announces it at once; without Redis the 1 s poll finds it. The bound is loose on
+        # purpose (a busy 2-core machine); bench/swap.py measures the latency.
+        _wait(served, 30, "the app to serve v1")
 
 
 def test_worker_killed_mid_round_leaves_nothing_half_done(

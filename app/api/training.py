@@ -7,7 +7,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 
 from app.deps import AdminKey, CurrentKey, SessionDep, SettingsDep
-from app.models import TrainingRun
 from app.schemas.training import TrainingRunCreate, TrainingRunPublic
 from app.services import training
 from app.services.queue import TaskQueue
@@ -21,26 +20,6 @@ def get_queue(request: Request) -> TaskQueue:
     if queue is None:
         queue = request.app.state.queue = TaskQueue(request.app.state.settings)
     return queue
-
-
-def public(run: TrainingRun) -> TrainingRunPublic:
-    """The API's view of a run."""
-    return TrainingRunPublic(
-        id=run.id,
-        status=run.status,
-        trigger=run.trigger,
-        parent_version=run.parent_version.name if run.parent_version else None,
-        version=run.version.name if run.version else None,
-        reason=run.reason,
-        counts=run.counts,
-        metrics=run.metrics,
-        history=run.history,
-        config=run.config,
-        created_at=run.created_at,
-        started_at=run.started_at,
-        finished_at=run.finished_at,
-        heartbeat_at=run.heartbeat_at,
-    )
 
 
 @router.post(
@@ -69,7 +48,7 @@ def start_run(
     )  # fmt: skip
     if not created:
         response.status_code = status.HTTP_200_OK
-    return public(run)
+    return TrainingRunPublic.of(run)
 
 
 @router.get("/runs", response_model=list[TrainingRunPublic])
@@ -77,7 +56,7 @@ def list_runs(
     _: CurrentKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50
 ) -> list[TrainingRunPublic]:
     """Training rounds, newest first."""
-    return [public(run) for run in training.list_runs(session, limit)]
+    return [TrainingRunPublic.of(run) for run in training.list_runs(session, limit)]
 
 
 @router.get("/runs/{run_id}", response_model=TrainingRunPublic)
@@ -85,4 +64,4 @@ def get_run(
     run_id: Annotated[int, Path(ge=1, le=2**31 - 1)], _: CurrentKey, session: SessionDep
 ) -> TrainingRunPublic:
     """One training round."""
-    return public(training.get_run(session, run_id))
+    return TrainingRunPublic.of(training.get_run(session, run_id))

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.ml.training_config import GateConfig, TrainConfig
-from app.models import RunStatus
+from app.models import RunStatus, TrainingRun
 from app.schemas.common import StrictModel
 
 
@@ -41,3 +41,23 @@ class TrainingRunPublic(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
+
+    @classmethod
+    def of(cls, run: TrainingRun) -> TrainingRunPublic:
+        """Build from the ORM row."""
+        return cls(
+            id=run.id,
+            status=run.status,
+            trigger=run.trigger,
+            parent_version=run.parent_version.name if run.parent_version else None,
+            version=run.version.name if run.version else None,
+            reason=run.reason,
+            counts=run.counts,
+            metrics=run.metrics,
+            history=run.history,
+            config=run.config,
+            created_at=run.created_at,
+            started_at=run.started_at,
+            finished_at=run.finished_at,
+            heartbeat_at=run.heartbeat_at,
+        )

@@ -28,7 +28,7 @@ from app.services.notify import announce_activation
 from app.services.serving import base_model_dir
 from app.services.training import finish
 from app.services.versions import activate, active_version, next_name
-from worker.training.dataset import RoundData, build_round_data
+from worker.training.dataset import build_round_data
 from worker.training.gate import evaluate
 from worker.training.train import train_adapter
 
@@ -135,7 +135,7 @@ def _run(session: Session, settings: Settings, run: TrainingRun) -> RunStatus:
     )
     session.add(version)
     session.flush()
-    _mark_used(session, data, run.id)
+    _mark_used(session, feedback_ids, comparison_ids, run.id)
     run.version_id = version.id
     run.metrics = metrics
     run.history = trained.history
@@ -152,8 +152,9 @@ def _run(session: Session, settings: Settings, run: TrainingRun) -> RunStatus:
     return RunStatus.rejected
 
 
-def _mark_used(session: Session, data: RoundData, run_id: int) -> None:
-    feedback_ids, comparison_ids = data.used_ids()
+def _mark_used(
+    session: Session, feedback_ids: set[int], comparison_ids: set[int], run_id: int
+) -> None:
     if feedback_ids:
         session.execute(
             update(Feedback).where(Feedback.id.in_(feedback_ids)).values(used_in_run_id=run_id)

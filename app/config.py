@@ -45,8 +45,12 @@ class Settings(BaseSettings):
     """Newest share of a round's ratings kept back for the promotion gate."""
     training_stale_after: Annotated[float, Field(gt=0)] = 600
     """A running round with no heartbeat for this many seconds is declared lost."""
-    swap_poll_interval: Annotated[float, Field(gt=0)] = 1.0
+    swap_poll_interval: Annotated[float, Field(gt=0)] = 0.5
     """Seconds between checks of the database for a newly active version."""
+    swap_preallocate: bool = True
+    """Keep spare copies of the weights allocated, so that a swap writes into memory already
+    mapped instead of allocating it (about 1 s more on this machine). Each API process then
+    holds three copies of the weights: the base, the active version and one spare."""
 
     @field_validator("database_url", "redis_url", "admin_api_key", mode="before")
     @classmethod

@@ -1,7 +1,9 @@
-"""Hot-swap benchmark: steady requests to two API processes through 10 version swaps.
+"""Hot-swap benchmark: steady requests to two API processes through 10 new versions, then rollbacks.
 
 Prints failed requests (target 0) and, per swap, the time from activation to every process
-serving the new version (target under 2 s for an adapter). Runs against the real default model
+serving the version (target under 2 s for an adapter). Each new version is a LoRA adapter shaped
+like a round's (rank 16 on every linear layer of a block) with random weights; the rollbacks go
+back and forth between the last two. Runs against the real default model
 (prepared by `make run` or `python -m app.cli setup`) unless MODEL points elsewhere.
 
     .venv/bin/python bench/swap.py                     # PostgreSQL + Redis on this machine
@@ -37,23 +39,31 @@ from app.services.versions import next_name  # noqa: E402
 ADMIN = "bench-admin-key-0123456789"
 
 
-def make_adapter(model_dir: Path, seed: int):  # type: ignore[no-untyped-def]
-    """A LoRA adapter with random (non-zero) weights: what a round would publish, minus training."""
+def make_adapters(model_dir: Path):  # type: ignore[no-untyped-def]
+    """A LoRA model shaped like a round's (TrainConfig defaults), to fill with random weights."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
+    from app.ml.training_config import TrainConfig
+
+    train = TrainConfig()
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = LoraConfig(
-        r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        r=train.lora_r, lora_alpha=train.lora_alpha, target_modules=list(train.target_modules)
     )
     return get_peft_model(base, config)
 
 
-def publish(sessions, versions_dir: Path, model: str, seed: int, model_dir: Path) -> str:  # type: ignore[no-untyped-def]
-    """Write an adapter version directory and its database row (candidate, not yet active)."""
-    adapter = make_adapter(model_dir, seed)
+def publish(sessions, versions_dir: Path, model: str, seed: int, adapter) -> str:  # type: ignore[no-untyped-def]
+    """Write an adapter version with random weights and its row: what a round publishes."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in adapter.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(std=0.02)
     with sessions() as session:
         name = next_name(session)
         base = session.query(ModelVersion).filter_by(kind=VersionKind.base).one()
@@ -69,12 +79,21 @@ def publish(sessions, versions_dir: Path, model: str, seed: int, model_dir: Path
     return name
 
 
+def summary(label: str, latencies: list[float]) -> str:
+    """p50 and max of a list of seconds."""
+    return (
+        f"{label}: {len(latencies)} swaps, p50 {statistics.median(latencies):.2f} s, "
+        f"max {max(latencies):.2f} s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--no-redis", action="store_true", help="SQLite and polling only")
-    parser.add_argument("--swaps", type=int, default=10)
+    parser.add_argument("--swaps", type=int, default=10, help="new versions, each activated once")
+    parser.add_argument("--rollbacks", type=int, default=4, help="then back and forth")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--clients", type=int, default=4, help="concurrent request loops")
     parser.add_argument("--model", default=str(ROOT / "data" / "models" / "smollm2-135m-instruct"))
@@ -97,7 +116,7 @@ def main() -> None:
             "redis://127.0.0.1:6379/14",
         )
     upgrade(database_url)
-    poll = "1.0" if args.no_redis else "30"
+    poll = "0.5" if args.no_redis else "30"
     env = {**os.environ, "DATA_DIR": str(data_dir), "DATABASE_URL": database_url,
            "REDIS_URL": redis_url, "MODEL": str(model_dir), "ADMIN_API_KEY": ADMIN,
            "SWAP_POLL_INTERVAL": poll}  # fmt: skip
@@ -119,9 +138,16 @@ def main() -> None:
                     pass
                 time.sleep(0.5)
         sessions = make_sessionmaker(make_engine(database_url))
+        adapter = make_adapters(model_dir)
         names = [
-            publish(sessions, data_dir / "versions", str(model_dir), seed, model_dir)
-            for seed in (1, 2)
+            publish(sessions, data_dir / "versions", str(model_dir), seed, adapter)
+            for seed in range(1, args.swaps + 1)
+        ]
+        del adapter
+        # Each new version once (what a round does), then rollbacks to the one before.
+        plan = [(name, "new") for name in names]
+        plan += [
+            (names[-2] if i % 2 == 0 else names[-1], "rollback") for i in range(args.rollbacks)
         ]
 
         stop = threading.Event()
@@ -152,9 +178,8 @@ def main() -> None:
         ]
         for thread in threads:
             thread.start()
-        latencies = []
-        for swap in range(args.swaps):
-            target = names[swap % 2]
+        latencies: dict[str, list[float]] = {"new": [], "rollback": []}
+        for swap, (target, kind) in enumerate(plan):
             started = time.perf_counter()
             response = httpx.post(
                 f"http://127.0.0.1:{ports[0]}/v1/models/{target}/activate",
@@ -171,25 +196,25 @@ def main() -> None:
                     ):
                         pending.discard(port)
                 time.sleep(0.02)
-            latencies.append(time.perf_counter() - started)
+            latencies[kind].append(time.perf_counter() - started)
             print(
-                f"swap {swap + 1:2d} -> {target}: "
-                f"every process serving it after {latencies[-1]:.2f} s",
+                f"swap {swap + 1:2d} -> {target} ({kind}): "
+                f"every process serving it after {latencies[kind][-1]:.2f} s",
                 flush=True,
             )
             time.sleep(1)
         stop.set()
         for thread in threads:
             thread.join(timeout=120)
-        mode = "database polling (1 s), SQLite" if args.no_redis else "Redis pub/sub, PostgreSQL"
+        mode = "database polling (0.5 s), SQLite" if args.no_redis else "Redis pub/sub, PostgreSQL"
         print(f"\nmode: {mode}; {args.processes} API processes; {args.clients} clients")
         print(f"requests: {counts['ok']} ok, {counts['failed']} failed")
         for detail in failures[:5]:
             print(f"  failure: {detail}")
-        print(
-            f"activation -> all serving: p50 {statistics.median(latencies):.2f} s, "
-            f"max {max(latencies):.2f} s"
-        )
+        print("activation -> every process serving it")
+        for kind, values in latencies.items():
+            if values:
+                print("  " + summary(kind, values))
     finally:
         for server in servers:
             server.send_signal(signal.SIGTERM)

@@ -66,3 +66,22 @@ def test_a_task_makes_the_round_trip(
     assert running_worker.poll() is None
     assert set(answer) == {"worker", "at"}
     assert answer["worker"]
+
+
+def test_processes_starting_together_all_get_the_embedded_queue(tmp_path: Path) -> None:
+    """Six processes creating the embedded broker's tables and queue at once: none fails.
+
+    Without `declare_queues` one of them loses the race for CREATE TABLE or the queue's INSERT,
+    which is how a worker started beside the API used to exit with "Unrecoverable error".
+    """
+    script = (
+        "import sys; from celery import Celery; from app.services.queue import declare_queues; "
+        "declare_queues(Celery(broker=sys.argv[1]))"
+    )
+    broker = f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script, broker], stderr=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0] * 6, "\n".join(errors)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from functools import cache
 
 from celery import Celery
+from celery.signals import beat_init, worker_init
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, load_settings
 from app.db import make_engine, make_sessionmaker
+from app.services.queue import declare_queues
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -38,6 +40,13 @@ def make_celery(settings: Settings) -> Celery:
 
 settings = load_settings()
 celery_app = make_celery(settings)
+
+
+@worker_init.connect
+@beat_init.connect
+def _declare_queues(sender: object, **_: object) -> None:
+    """Create the queue before consuming or sending (see `declare_queues` for the race)."""
+    declare_queues(celery_app)
 
 
 @cache

@@ -66,8 +66,16 @@ class Engine:
     def generate(
         self, prompt: str, params: SamplingParams, version: ServingVersion | None = None
     ) -> Completion:
-        """Generate one answer to an already rendered prompt, on `version` (default: the active)."""
-        version = version or self.registry.active
+        """Generate one answer to a rendered prompt, on `version` (leased by the caller).
+
+        Without `version` it leases the active one for the duration of the call.
+        """
+        if version is None:
+            with self.registry.lease() as leased:
+                return self._generate(prompt, params, leased)
+        return self._generate(prompt, params, version)
+
+    def _generate(self, prompt: str, params: SamplingParams, version: ServingVersion) -> Completion:
         tokenizer, model = version.tokenizer, version.model
         # The chat template already carries the special tokens; adding more would change the prompt.
         input_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids

@@ -1,8 +1,17 @@
-"""The version a process serves: loaded off the request path, swapped under a lock."""
+"""The version a process serves: loaded off the request path, swapped under a lock.
+
+Requests lease the version they run on. A version that stops being active is kept as
+*retired* while it is in use and afterwards, so that rolling back to it is instant, and its
+weight buffers can be recycled for the next version once no request holds it: allocating fresh
+memory for a model costs more than building the version itself on this kind of machine.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -16,6 +25,8 @@ class ServingVersion:
     name: str
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
+    recyclable: bool = False
+    """Whether its weights may be overwritten once retired (never for the base model)."""
     context_length: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -28,11 +39,16 @@ class NoModelLoaded(RuntimeError):
 
 
 class ModelRegistry:
-    """Holds the active version of this process."""
+    """Holds the active version of this process and the recently retired ones."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_retired: int = 1) -> None:
+        self.keep_retired = keep_retired
+        """How many retired versions stay loaded (each costs one copy of the weights)."""
         self._lock = threading.Lock()
         self._active: ServingVersion | None = None
+        self._retired: list[ServingVersion] = []  # oldest first
+        self._leases: Counter[ServingVersion] = Counter()
+        self._spares: list[PreTrainedModel] = []
 
     @property
     def active(self) -> ServingVersion:
@@ -47,7 +63,53 @@ class ModelRegistry:
         """Whether a version is loaded."""
         return self._active is not None
 
+    @contextmanager
+    def lease(self) -> Iterator[ServingVersion]:
+        """The active version, kept intact for as long as the caller holds it."""
+        with self._lock:
+            version = self.active
+            self._leases[version] += 1
+        try:
+            yield version
+        finally:
+            with self._lock:
+                self._leases[version] -= 1
+                if self._leases[version] <= 0:
+                    del self._leases[version]
+
     def activate(self, version: ServingVersion) -> None:
         """Make an already loaded version the one new requests use."""
         with self._lock:
-            self._active = version
+            previous, self._active = self._active, version
+            if version in self._retired:
+                self._retired.remove(version)
+            if previous is not None and previous is not version and previous.recyclable:
+                self._retired.append(previous)
+                # Dropping the reference frees the weights once the last request finishes.
+                del self._retired[: max(0, len(self._retired) - self.keep_retired)]
+
+    def retired(self, version_id: int) -> ServingVersion | None:
+        """A retired version still loaded, which can be activated again without loading."""
+        with self._lock:
+            return next((v for v in self._retired if v.id == version_id), None)
+
+    def add_spare(self, model: PreTrainedModel) -> None:
+        """Keep an allocated model no version uses, for the next version to be built in."""
+        with self._lock:
+            self._spares.append(model)
+
+    def idle_models(self) -> int:
+        """How many models `take_spare` could return now."""
+        with self._lock:
+            return len(self._spares) + sum(self._leases[v] == 0 for v in self._retired)
+
+    def take_spare(self) -> PreTrainedModel | None:
+        """Take a model no request holds (a spare, else the oldest idle retired version)."""
+        with self._lock:
+            if self._spares:
+                return self._spares.pop()
+            for version in self._retired:
+                if self._leases[version] == 0:
+                    self._retired.remove(version)
+                    return version.model
+            return None

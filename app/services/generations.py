@@ -52,14 +52,14 @@ def create_generation(
 ) -> Generation:
     """Run the model on one task input and record the generation."""
     _validate(task, data, max_chars)
-    # One snapshot: a swap while this request runs does not change the version it runs on.
-    version = engine.registry.active
-    prompt = engine.chat_prompt(user_message(task, data), version)
-    started = time.perf_counter()
-    try:
-        completion = engine.generate(prompt, params, version)
-    except PromptTooLong as exc:
-        raise InvalidInput(_MAIN_FIELD[task], str(exc)) from None
+    # One lease: a swap while this request runs does not change or recycle its version.
+    with engine.registry.lease() as version:
+        prompt = engine.chat_prompt(user_message(task, data), version)
+        started = time.perf_counter()
+        try:
+            completion = engine.generate(prompt, params, version)
+        except PromptTooLong as exc:
+            raise InvalidInput(_MAIN_FIELD[task], str(exc)) from None
     generation = Generation(
         task=task,
         input=data,

@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+import time
+
 from celery import Celery
+from kombu import Queue
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from app.config import Settings
+
+
+def declare_queues(celery: Celery, attempts: int = 5) -> None:
+    """Create the default queue on the broker now, tolerating another process doing the same.
+
+    kombu's SQLAlchemy transport (the embedded broker) creates its tables and then a queue row
+    with plain CREATE and INSERT statements the first time a process uses it; a worker and an
+    API process starting together can both try, and the loser fails ("table ... already exists",
+    or IntegrityError): a worker then exits with "Unrecoverable error". Once they exist, every
+    later use only reads them. On Redis this is a cheap no-op.
+    """
+    for attempt in range(attempts):
+        try:
+            with celery.connection_for_write() as connection:
+                Queue(celery.conf.task_default_queue)(connection.default_channel).declare()
+            return
+        except (IntegrityError, OperationalError):  # SQLAlchemy's, raised by the transport
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 class TaskQueue:
@@ -15,7 +39,11 @@ class TaskQueue:
         self._celery = Celery("feedback_lm", broker=broker, backend=backend)
         self._celery.conf.broker_connection_timeout = 3
         self._celery.conf.broker_connection_max_retries = 1
+        self._declared = False
 
     def enqueue(self, task: str, *args: object) -> str:
         """Queue a task by name; returns its id. Raises when the broker cannot be reached."""
+        if not self._declared:
+            declare_queues(self._celery)
+            self._declared = True
         return str(self._celery.send_task(task, args=list(args)).id)

@@ -1,0 +1,223 @@
+"""Hot swap in one process: leases keep requests on their version, retired buffers are recycled."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from app.config import Settings
+from app.ml.checkpoints import MANIFEST, sha256_file, write_checkpoint
+from app.ml.loading import load_model
+from app.ml.lora import ADAPTER_WEIGHTS, merge_lora
+from app.ml.registry import ModelRegistry, ServingVersion
+from app.models import ModelVersion, VersionKind, VersionStatus
+from app.services.serving import load_adapter_version
+from app.services.versions import activate, get_by_name, next_name
+
+GREEDY = {"prompt": "Tell me about the sea.", "max_new_tokens": 12, "temperature": 0}
+
+
+def publish_adapter(sessions: Any, settings: Settings, seed: int, use_dora: bool = False) -> str:
+    """A candidate version with random, non-zero LoRA weights, as a round would write it."""
+    torch.manual_seed(seed)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch.float32)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False, use_dora=use_dora,
+    )  # fmt: skip
+    adapter = get_peft_model(model, config)
+    with sessions() as session:
+        name = next_name(session)
+        parent = session.query(ModelVersion).filter_by(kind=VersionKind.base).one()
+        path = write_checkpoint(
+            settings.versions_dir, name, lambda d: adapter.save_pretrained(str(d)),
+            {"name": name, "kind": "adapter", "parent": parent.name},
+        )  # fmt: skip
+        session.add(ModelVersion(
+            name=name, kind=VersionKind.adapter, base_model=settings.model, path=str(path),
+            parent_id=parent.id, status=VersionStatus.candidate, manifest={},
+        ))  # fmt: skip
+        session.commit()
+    return name
+
+
+def switch_to(client: TestClient, sessions: Any, name: str) -> None:
+    """Make `name` active in the database and let this process's follower pick it up."""
+    with sessions() as session:
+        activate(session, get_by_name(session, name))
+    client.app.state.follower.sync()  # type: ignore[attr-defined]
+
+
+def rewrite_manifest(directory: Path) -> None:
+    """Record the files' current hashes, as if they had been written like this."""
+    manifest_path = directory / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"] = {name: sha256_file(directory / name) for name in manifest["files"]}
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def registry(client: TestClient) -> ModelRegistry:
+    return client.app.state.registry  # type: ignore[no-any-return,attr-defined]
+
+
+def peft_merged(base: torch.nn.Module, path: str) -> dict[str, torch.Tensor]:
+    """What PEFT itself makes of an adapter on a fresh copy of `base`."""
+    return weights(PeftModel.from_pretrained(copy.deepcopy(base), path).merge_and_unload())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_recycled_buffer_holds_exactly_what_peft_merges(
+    sessions: Any, settings: Settings, client: TestClient, dtype: torch.dtype
+) -> None:
+    """The direct merge into a retired model's memory gives PEFT's weights bit for bit."""
+    model, tokenizer = load_model(Path(settings.model), dtype)
+    base = ServingVersion(1, "v0", model, tokenizer)
+    base_before = weights(model)
+    with sessions() as session:
+        rows = [get_by_name(session, publish_adapter(sessions, settings, s)) for s in (1, 2)]
+    expected = [peft_merged(model, row.path) for row in rows]
+
+    first = load_adapter_version(rows[0], base)
+    second = load_adapter_version(rows[1], base, spare=first.model)
+
+    assert second.model is first.model  # recycled, not allocated
+    assert same(weights(second.model), expected[1])
+    assert not same(expected[0], expected[1])
+    assert same(weights(model), base_before)
+    assert same(weights(load_adapter_version(rows[0], base, spare=second.model).model), expected[0])
+
+
+def test_adapters_beyond_plain_lora_are_merged_by_peft(
+    sessions: Any, settings: Settings, client: TestClient
+) -> None:
+    """A DoRA adapter (which the direct merge does not handle) still serves PEFT's weights."""
+    model, tokenizer = load_model(Path(settings.model), torch.float32)
+    base = ServingVersion(1, "v0", model, tokenizer)
+    name = publish_adapter(sessions, settings, 3, use_dora=True)
+    with sessions() as session:
+        row = get_by_name(session, name)
+    assert not merge_lora(copy.deepcopy(model), Path(row.path))
+    built = load_adapter_version(row, base, spare=copy.deepcopy(model))
+    assert same(weights(built.model), peft_merged(model, row.path))
+
+
+def test_an_adapter_for_another_model_is_refused(
+    sessions: Any, settings: Settings, client: TestClient, admin: dict[str, str],
+    registry: ModelRegistry,
+) -> None:  # fmt: skip
+    """Weights whose shapes do not fit the base: refused with the reason, serving goes on."""
+    name = publish_adapter(sessions, settings, 4)
+    with sessions() as session:
+        row = get_by_name(session, name)
+    path = Path(row.path) / ADAPTER_WEIGHTS
+    tensors = load_file(str(path))
+    save_file({k: torch.cat([v, v]) for k, v in tensors.items()}, str(path))
+    rewrite_manifest(Path(row.path))
+    switch_to(client, sessions, name)
+    models = {m["name"]: m for m in client.get("/v1/models", headers=admin).json()["data"]}
+    assert models[name]["status"] == "refused"
+    assert "shape" in models[name]["status_reason"]
+    assert registry.active.name == "v0"
+
+
+def test_a_request_in_flight_finishes_on_its_version_through_swaps(
+    client: TestClient, admin: dict[str, str], sessions: Any, settings: Settings,
+    registry: ModelRegistry,
+) -> None:  # fmt: skip
+    """A request paused mid-generation keeps its version's weights while two swaps happen."""
+    v1, v2, v3 = (publish_adapter(sessions, settings, seed) for seed in (1, 2, 3))
+    switch_to(client, sessions, v1)
+    expected = client.post("/v1/generate", json=GREEDY, headers=admin).json()
+    assert expected["model_version"] == v1
+    v1_model = registry.active.model
+
+    # Pause the next request in its first forward pass on v1.
+    started, proceed = threading.Event(), threading.Event()
+
+    def pause(module: torch.nn.Module, args: Any) -> None:
+        if not started.is_set():
+            started.set()
+            assert proceed.wait(60)
+
+    hook = v1_model.register_forward_pre_hook(pause)
+    result: dict[str, Any] = {}
+    request = threading.Thread(
+        target=lambda: result.update(client.post("/v1/generate", json=GREEDY, headers=admin).json())
+    )
+    request.start()
+    try:
+        assert started.wait(60)
+        switch_to(client, sessions, v2)  # v1 is leased: v2 must not be built in its buffers
+        assert registry.active.name == v2 and registry.active.model is not v1_model
+        v2_model = registry.active.model
+        switch_to(client, sessions, v3)  # v1 is still leased: nothing to recycle yet
+        assert registry.active.name == v3
+    finally:
+        proceed.set()
+        request.join(60)
+        hook.remove()
+
+    assert result["model_version"] == v1
+    assert result["output"] == expected["output"]  # greedy: same weights, same answer
+    after = client.post("/v1/generate", json=GREEDY, headers=admin).json()
+    assert after["model_version"] == v3 and after["output"] != expected["output"]
+
+    # A rollback to the version just retired needs no loading: the same object serves again.
+    v3_model = registry.active.model
+    switch_to(client, sessions, v2)
+    assert registry.active.name == v2 and registry.active.model is v2_model
+    switch_to(client, sessions, v3)
+    assert registry.active.model is v3_model
+    again = client.post("/v1/generate", json=GREEDY, headers=admin).json()
+    assert again["model_version"] == v3 and again["output"] == after["output"]
+
+    # v1 was dropped from memory; rebuilt in recycled buffers, it answers as it did.
+    switch_to(client, sessions, v1)
+    assert registry.active.model is v2_model
+    rebuilt = client.post("/v1/generate", json=GREEDY, headers=admin).json()
+    assert rebuilt["model_version"] == v1 and rebuilt["output"] == expected["output"]
+
+
+def test_the_base_is_never_recycled(
+    client: TestClient, sessions: Any, settings: Settings, registry: ModelRegistry
+) -> None:
+    """Swapping away from the base keeps it intact: it is the reference for every adapter."""
+    base = registry.active
+    before = weights(base.model)
+    for seed in (1, 2, 3):
+        switch_to(client, sessions, publish_adapter(sessions, settings, seed))
+        assert registry.active.model is not base.model
+    assert same(weights(base.model), before)
+    assert registry.take_spare() is not base.model
+
+
+def test_retired_versions_kept_are_bounded(
+    client: TestClient, sessions: Any, settings: Settings, registry: ModelRegistry
+) -> None:
+    """At most `keep_retired` old versions stay loaded, so memory does not grow with swaps."""
+    loaded = []
+    for seed in (1, 2, 3, 4):
+        switch_to(client, sessions, publish_adapter(sessions, settings, seed))
+        loaded.append(registry.active)
+    assert [registry.retired(v.id) is not None for v in loaded] == [False, False, True, False]
+    assert registry.retired(loaded[0].id) is None

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     """Newest share of a round's ratings kept back for the promotion gate."""
     training_stale_after: Annotated[float, Field(gt=0)] = 600
     """A running round with no heartbeat for this many seconds is declared lost."""
-    swap_poll_interval: Annotated[float, Field(gt=0)] = 0.5
+    swap_poll_interval: Annotated[float, Field(gt=0)] = 0.25
     """Seconds between checks of the database for a newly active version."""
     swap_preallocate: bool = True
     """Keep spare copies of the weights allocated, so that a swap writes into memory already

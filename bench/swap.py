@@ -116,7 +116,7 @@ def main() -> None:
             "redis://127.0.0.1:6379/14",
         )
     upgrade(database_url)
-    poll = "0.5" if args.no_redis else "30"
+    poll = "0.25" if args.no_redis else "30"
     env = {**os.environ, "DATA_DIR": str(data_dir), "DATABASE_URL": database_url,
            "REDIS_URL": redis_url, "MODEL": str(model_dir), "ADMIN_API_KEY": ADMIN,
            "SWAP_POLL_INTERVAL": poll}  # fmt: skip
@@ -206,7 +206,7 @@ def main() -> None:
         stop.set()
         for thread in threads:
             thread.join(timeout=120)
-        mode = "database polling (0.5 s), SQLite" if args.no_redis else "Redis pub/sub, PostgreSQL"
+        mode = "database polling (0.25 s), SQLite" if args.no_redis else "Redis pub/sub, PostgreSQL"
         print(f"\nmode: {mode}; {args.processes} API processes; {args.clients} clients")
         print(f"requests: {counts['ok']} ok, {counts['failed']} failed")
         for detail in failures[:5]:

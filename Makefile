@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint format typecheck setup key clean
+.PHONY: run test test-fast lint format typecheck setup key clean browser
 
 # Reinstall only when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -22,7 +22,7 @@ setup: $(STAMP)
 	$(PY) -m app.cli setup
 
 ## test: lint, type-check and run the whole suite (PostgreSQL and Redis on this machine)
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -31,6 +31,12 @@ test: $(STAMP)
 ## test-fast: the suite without the tests that use the real default model
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not real_model"
+
+## browser: Debian's chromium for the page tests (Playwright drives it; it downloads no browser)
+browser:
+	@test -x /usr/bin/chromium || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

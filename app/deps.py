@@ -13,6 +13,7 @@ from app.config import Settings
 from app.ml.engine import Engine
 from app.models import ApiKey, Role
 from app.services import keys
+from app.services.serving import VersionFollower
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
 
@@ -35,7 +36,14 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
+def get_follower(request: Request) -> VersionFollower:
+    """What keeps this process on the active version, and loads others on request."""
+    follower: VersionFollower = request.app.state.follower
+    return follower
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+FollowerDep = Annotated[VersionFollower, Depends(get_follower)]
 SessionDep = Annotated[Session, Depends(get_session)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import OperationalError
 
-from app.api import feedback, generation, health, keys, models, training
+from app.api import feedback, generation, health, keys, models, stats, training
 from app.config import Settings, load_settings
 from app.db import make_engine, make_sessionmaker
 from app.migrate import is_current
@@ -20,6 +20,7 @@ from app.ml.registry import ModelRegistry, NoModelLoaded
 from app.services.errors import Conflict, InvalidInput, NotFound, ServiceError, Unavailable
 from app.services.keys import ensure_bootstrap_admin
 from app.services.serving import VersionFollower, load_base_version
+from app.web import pages
 
 log = logging.getLogger("app")
 
@@ -111,7 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     _install_error_handlers(app)
-    routers = (health, generation, feedback, models, training, keys)
+    routers = (health, generation, feedback, models, training, keys, stats)
     for router in (module.router for module in routers):
         app.include_router(router)
+    pages.install(app)
     return app

@@ -221,3 +221,30 @@ def test_retired_versions_kept_are_bounded(
         loaded.append(registry.active)
     assert [registry.retired(v.id) is not None for v in loaded] == [False, False, True, False]
     assert registry.retired(loaded[0].id) is None
+
+
+def test_admins_can_answer_with_a_version_that_is_not_active(
+    client: TestClient, admin: dict[str, str], user: dict[str, str], sessions: Any,
+    settings: Settings, registry: ModelRegistry,
+) -> None:  # fmt: skip
+    """`model_version` answers with any servable version, recorded as such; errors are clear."""
+    name = publish_adapter(sessions, settings, 6)
+    body = {**GREEDY, "model_version": name}
+    first = client.post("/v1/generate", json=body, headers=admin)
+    assert first.status_code == 200, first.text
+    assert first.json()["model_version"] == name
+    assert registry.active.name == "v0"  # nothing was activated
+    again = client.post("/v1/generate", json=body, headers=admin).json()
+    assert again["output"] == first.json()["output"]  # the same weights, kept loaded
+    base = client.post("/v1/generate", json={**GREEDY, "model_version": "v0"}, headers=admin)
+    assert base.json()["model_version"] == "v0"
+
+    assert client.post("/v1/generate", json=body, headers=user).status_code == 403
+    missing = client.post("/v1/generate", json={**GREEDY, "model_version": "v99"}, headers=admin)
+    assert missing.status_code == 404 and "v99" in missing.json()["detail"]
+
+    broken = publish_adapter(sessions, settings, 7)
+    with sessions() as session:
+        (Path(get_by_name(session, broken).path) / ADAPTER_WEIGHTS).write_bytes(b"not weights")
+    refused = client.post("/v1/generate", json={**GREEDY, "model_version": broken}, headers=admin)
+    assert refused.status_code == 409 and "cannot be served" in refused.json()["detail"]

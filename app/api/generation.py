@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, HTTPException, Path, Query, status
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.deps import CurrentKey, EngineDep, SessionDep, SettingsDep
+from app.deps import CurrentKey, EngineDep, FollowerDep, SessionDep, SettingsDep
 from app.ml.engine import Engine
-from app.models import ApiKey, Task
+from app.models import ApiKey, Role, Task
 from app.schemas.generation import (
     GenerateRequest,
     GenerateResponse,
@@ -23,6 +23,7 @@ from app.schemas.generation import (
 )
 from app.services import generations
 from app.services.errors import InvalidInput
+from app.services.serving import VersionFollower
 
 router = APIRouter(prefix="/v1", tags=["generation"])
 MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns; a larger one is a 422, not a database error
@@ -35,11 +36,20 @@ def _answer(
     session: Session,
     engine: Engine,
     settings: Settings,
+    follower: VersionFollower,
 ) -> tuple[GenerationPublic, dict[str, Any]]:
     """Generate and record; the response fields and the task's input fields."""
+    lease = None
+    if body.model_version is not None:
+        if key.role is not Role.admin:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                "choosing model_version needs an admin key; leave it out to use the active version",
+            )
+        lease = follower.lease_by_name(session, body.model_version)
     row = generations.create_generation(
         session, engine, api_key_id=key.id, task=task, data=body.task_input(),
-        params=body.sampling(), max_chars=settings.max_prompt_chars,
+        params=body.sampling(), max_chars=settings.max_prompt_chars, version_lease=lease,
     )  # fmt: skip
     return GenerationPublic.of(row), row.input
 
@@ -51,9 +61,10 @@ def generate(
     session: SessionDep,
     engine: EngineDep,
     settings: SettingsDep,
+    follower: FollowerDep,
 ) -> GenerateResponse:
     """Answer a prompt, and record the generation."""
-    public, fields = _answer(Task.generate, body, key, session, engine, settings)
+    public, fields = _answer(Task.generate, body, key, session, engine, settings, follower)
     return GenerateResponse(**public.model_dump(), **fields)
 
 
@@ -64,18 +75,24 @@ def translate(
     session: SessionDep,
     engine: EngineDep,
     settings: SettingsDep,
+    follower: FollowerDep,
 ) -> TranslateResponse:
     """Translate a text into `target_lang`, and record the generation."""
-    public, fields = _answer(Task.translate, body, key, session, engine, settings)
+    public, fields = _answer(Task.translate, body, key, session, engine, settings, follower)
     return TranslateResponse(**public.model_dump(), **fields)
 
 
 @router.post("/qa", response_model=QAResponse)
 def qa(
-    body: QARequest, key: CurrentKey, session: SessionDep, engine: EngineDep, settings: SettingsDep
+    body: QARequest,
+    key: CurrentKey,
+    session: SessionDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    follower: FollowerDep,
 ) -> QAResponse:
     """Answer a question, from `context` when given, and record the generation."""
-    public, fields = _answer(Task.qa, body, key, session, engine, settings)
+    public, fields = _answer(Task.qa, body, key, session, engine, settings, follower)
     return QAResponse(**public.model_dump(), **fields)
 
 

@@ -1,4 +1,4 @@
-"""API keys (admin only)."""
+"""API keys: managed by admins; any key can ask who it is."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, status
 
-from app.deps import AdminKey, SessionDep
+from app.deps import AdminKey, CurrentKey, SessionDep
 from app.schemas.keys import KeyCreate, KeyCreated, KeyPublic
 from app.services import keys
 
@@ -18,6 +18,12 @@ def create_key(body: KeyCreate, _: AdminKey, session: SessionDep) -> KeyCreated:
     """Create a key; its secret is in this response only."""
     row, plaintext = keys.create_key(session, body.name, body.role)
     return KeyCreated(**KeyPublic.model_validate(row).model_dump(), key=plaintext)
+
+
+@router.get("/me", response_model=KeyPublic)
+def who_am_i(key: CurrentKey) -> KeyPublic:
+    """The calling key: its name and role (the browser pages sign in with this)."""
+    return KeyPublic.model_validate(key)
 
 
 @router.get("", response_model=list[KeyPublic])

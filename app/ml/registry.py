@@ -72,10 +72,27 @@ class ModelRegistry:
         try:
             yield version
         finally:
-            with self._lock:
-                self._leases[version] -= 1
-                if self._leases[version] <= 0:
-                    del self._leases[version]
+            self._release(version)
+
+    @contextmanager
+    def lease_loaded(self, version_id: int) -> Iterator[ServingVersion | None]:
+        """The active or a retired version with this id, held intact; None if not in memory."""
+        with self._lock:
+            candidates = [self._active, *self._retired]
+            version = next((v for v in candidates if v is not None and v.id == version_id), None)
+            if version is not None:
+                self._leases[version] += 1
+        try:
+            yield version
+        finally:
+            if version is not None:
+                self._release(version)
+
+    def _release(self, version: ServingVersion) -> None:
+        with self._lock:
+            self._leases[version] -= 1
+            if self._leases[version] <= 0:
+                del self._leases[version]
 
     def activate(self, version: ServingVersion) -> None:
         """Make an already loaded version the one new requests use."""

@@ -30,6 +30,14 @@ class SamplingFields(StrictModel):
     seed: Annotated[
         int | None, Field(ge=0, le=2**32 - 1, description="Same seed, same input, same answer.")
     ] = None
+    model_version: Annotated[
+        str | None,
+        Field(
+            min_length=1, max_length=64,
+            description="Answer with this version instead of the active one (admin keys only; "
+            "for side-by-side comparisons).",
+        ),
+    ] = None  # fmt: skip
 
     def sampling(self) -> SamplingParams:
         """The engine's view of these options."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import AbstractContextManager
 from dataclasses import asdict
 from typing import Any
 
@@ -12,6 +13,7 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from app.ml.engine import Engine, PromptTooLong, SamplingParams
+from app.ml.registry import ServingVersion
 from app.models import Feedback, Generation, ModelVersion, Task
 from app.services.errors import InvalidInput, NotFound
 from app.services.prompts import language_name, user_message
@@ -49,11 +51,15 @@ def create_generation(
     data: dict[str, Any],
     params: SamplingParams,
     max_chars: int,
+    version_lease: AbstractContextManager[ServingVersion] | None = None,
 ) -> Generation:
-    """Run the model on one task input and record the generation."""
+    """Run the model on one task input and record the generation.
+
+    `version_lease` holds the version to use; by default the active one is leased.
+    """
     _validate(task, data, max_chars)
     # One lease: a swap while this request runs does not change or recycle its version.
-    with engine.registry.lease() as version:
+    with version_lease or engine.registry.lease() as version:
         prompt = engine.chat_prompt(user_message(task, data), version)
         started = time.perf_counter()
         try:

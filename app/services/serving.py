@@ -6,6 +6,8 @@ import copy
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,8 +19,15 @@ from app.ml.checkpoints import CorruptCheckpoint, verify_checkpoint
 from app.ml.loading import DEFAULT_SOURCE, load_model, resolve_dtype
 from app.ml.registry import ModelRegistry, ServingVersion
 from app.models import ModelVersion, VersionKind, VersionStatus
+from app.services.errors import Conflict
 from app.services.notify import CHANNEL
-from app.services.versions import activate, active_version, base_of, ensure_base_version
+from app.services.versions import (
+    activate,
+    active_version,
+    base_of,
+    ensure_base_version,
+    get_by_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +107,9 @@ class VersionFollower:
         self.base = base
         self._wake = threading.Event()
         self._syncing = threading.Lock()
+        self._pinning = threading.Lock()
+        self._pinned: ServingVersion | None = None  # a version loaded for comparisons only
+        self.base_model_name = settings.model
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -160,6 +172,36 @@ class VersionFollower:
                 row.name, time.perf_counter() - started,
             )  # fmt: skip
             return True
+
+    @contextmanager
+    def lease_by_name(self, session: Session, name: str) -> Iterator[ServingVersion]:
+        """Any version of this base, held for one request (admins compare versions this way).
+
+        The active and recently retired versions are in memory already; another one is built
+        into its own copy of the weights, kept for the next request that asks for it.
+        """
+        row = get_by_name(session, name)
+        if row.base_model != self.base_model_name:
+            raise Conflict(f"version {name!r} is built on another base model")
+        if row.id == self.base.id:
+            yield self.base  # never recycled
+            return
+        with self.registry.lease_loaded(row.id) as loaded:
+            if loaded is not None:
+                yield loaded
+                return
+        if row.status is VersionStatus.refused:
+            raise Conflict(f"version {name!r} was refused: {row.status_reason}")
+        with self._pinning:
+            pinned = self._pinned
+            if pinned is None or pinned.id != row.id:
+                try:
+                    pinned = load_adapter_version(row, self.base)
+                except (CorruptCheckpoint, OSError, ValueError) as exc:
+                    raise Conflict(f"version {name!r} cannot be served: {exc}") from None
+                # The one it replaces is freed when the requests holding it finish.
+                self._pinned = pinned
+        yield pinned
 
     def preallocate(self) -> None:
         """Keep memory ready for the next swaps to build in (when SWAP_PREALLOCATE is on).

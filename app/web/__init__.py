@@ -1,0 +1,1 @@
+"""The browser pages the app serves itself: static files, no build step, no CDN."""

@@ -11,13 +11,20 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import OperationalError
 
-from app.api import feedback, generation, health, keys, models, stats, training
+from app.api import feedback, generation, health, keys, models, openai, stats, training
 from app.config import Settings, load_settings
 from app.db import make_engine, make_sessionmaker
 from app.migrate import is_current
 from app.ml.engine import Engine
 from app.ml.registry import ModelRegistry, NoModelLoaded
-from app.services.errors import Conflict, InvalidInput, NotFound, ServiceError, Unavailable
+from app.services.errors import (
+    Busy,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
 from app.services.keys import ensure_bootstrap_admin
 from app.services.serving import VersionFollower, load_base_version
 from app.web import pages
@@ -55,10 +62,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         follower.start()
         app.state.sessionmaker = sessions
         app.state.registry = registry
-        app.state.engine = Engine(registry)
+        engine = Engine(registry, max_waiting=settings.max_waiting_requests)
+        engine.start()
+        app.state.engine = engine
         app.state.follower = follower
         log.info("serving model version %s", registry.active.name)
         yield
+        engine.stop()
         follower.stop()
     finally:
         db_engine.dispose()
@@ -80,6 +90,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             return _error(status.HTTP_404_NOT_FOUND, exc.message)
         if isinstance(exc, Conflict):
             return _error(status.HTTP_409_CONFLICT, exc.message)
+        if isinstance(exc, Busy):
+            response = _error(status.HTTP_429_TOO_MANY_REQUESTS, exc.message)
+            response.headers["Retry-After"] = "1"
+            return response
         if isinstance(exc, Unavailable):
             response = _error(status.HTTP_503_SERVICE_UNAVAILABLE, exc.message)
             response.headers["Retry-After"] = "10"
@@ -112,7 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     _install_error_handlers(app)
-    routers = (health, generation, feedback, models, training, keys, stats)
+    routers = (health, generation, openai, feedback, models, training, keys, stats)
     for router in (module.router for module in routers):
         app.include_router(router)
     pages.install(app)

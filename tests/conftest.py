@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
@@ -160,3 +164,29 @@ def sessions(settings: Settings) -> Iterator[object]:
     engine = make_engine(settings.sqlalchemy_url)
     yield make_sessionmaker(engine)
     engine.dispose()
+
+
+LIVE_APPS: dict[str, object] = {}
+"""The app behind each live server, by URL (tests reach its engine and registry)."""
+
+
+@pytest.fixture
+def live(settings: Settings) -> Iterator[str]:
+    """The app in a real uvicorn server on a free port, for the browser to load."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    LIVE_APPS[url] = app
+    yield url
+    del LIVE_APPS[url]
+    server.should_exit = True
+    thread.join(30)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from sqlalchemy import select
 
 from app.config import Settings
-from app.main import create_app
 from app.models import Comparison, Feedback, Generation, ModelVersion, Thumbs, Winner
 from tests.conftest import ADMIN_KEY, reset_database
 
@@ -36,26 +32,6 @@ def db_url(pg_url: str) -> str:
     """The pages run against PostgreSQL; the API tests cover SQLite."""
     reset_database(pg_url)
     return pg_url
-
-
-@pytest.fixture
-def live(settings: Settings) -> Iterator[str]:
-    """The app in a real uvicorn server on a free port, for the browser to load."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
 
 
 @pytest.fixture(scope="module")

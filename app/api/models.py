@@ -15,6 +15,8 @@ router = APIRouter(prefix="/v1", tags=["models"])
 
 def _public(version: ModelVersion, serving_id: int | None) -> ModelVersionPublic:
     return ModelVersionPublic(
+        id=version.name,
+        created=int(version.created_at.timestamp()),
         name=version.name,
         kind=version.kind,
         base_model=version.base_model,

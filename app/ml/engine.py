@@ -1,11 +1,21 @@
-"""Text generation on the active version."""
+"""Text generation: one loop per process takes requests from a bounded queue and streams tokens.
+
+Requests hold a lease on the version they were rendered for from `submit` until they finish, so
+a swap never changes the weights under them. The loop runs one request at a time for now; it is
+the one place that will batch concurrent requests.
+"""
 
 from __future__ import annotations
 
+import queue
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass, field
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from app.ml.registry import ModelRegistry, ServingVersion
 
@@ -22,6 +32,8 @@ class SamplingParams:
     """Nucleus sampling mass, in (0, 1]."""
     seed: int | None = None
     """Makes sampling reproducible for the same prompt, parameters and version."""
+    stop: tuple[str, ...] = ()
+    """Generation ends before the first of these strings; it is not part of the answer."""
 
 
 @dataclass(frozen=True)
@@ -32,8 +44,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
-    """`stop` when the model ended its answer, `length` when max_new_tokens cut it."""
+    """`stop` (the model ended or a stop string came), `length` (max_new_tokens), `cancelled`."""
     version: ServingVersion
+    latency_ms: int
 
 
 class PromptTooLong(ValueError):
@@ -46,62 +59,274 @@ class PromptTooLong(ValueError):
         )
 
 
+class EngineBusy(RuntimeError):
+    """More requests are waiting than the engine accepts; retry later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down."""
+
+
+@dataclass(eq=False)
+class GenerationStream:
+    """One request: iterate it for text as it is generated, or wait for `result()`."""
+
+    version: ServingVersion
+    input_ids: torch.Tensor
+    params: SamplingParams
+    _lease: ExitStack
+    _deltas: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    _done: threading.Event = field(default_factory=threading.Event)
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+    _completion: Completion | None = None
+    _error: BaseException | None = None
+    _submitted: float = field(default_factory=time.perf_counter)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens in the rendered prompt."""
+        return int(self.input_ids.shape[1])
+
+    def cancel(self) -> None:
+        """Stop generating as soon as possible (a client went away); frees the engine."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether `cancel` was called."""
+        return self._cancelled.is_set()
+
+    def __iter__(self) -> Iterator[str]:
+        """Text deltas in order, until the answer is complete."""
+        while (delta := self._deltas.get()) is not None:
+            yield delta
+
+    def next_delta(self, timeout: float | None = None) -> str | None:
+        """The next piece of text, or None once the answer is complete."""
+        return self._deltas.get(timeout=timeout)
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """The whole answer, once generated."""
+        if not self._done.wait(timeout):
+            raise TimeoutError("generation did not finish in time")
+        if self._error is not None:
+            raise self._error
+        assert self._completion is not None
+        return self._completion
+
+    def _finish(self, completion: Completion | None, error: BaseException | None = None) -> None:
+        self._completion, self._error = completion, error
+        self._lease.close()  # the version may be recycled from here on
+        self._deltas.put(None)
+        self._done.set()
+
+
+class _StopAwareText:
+    """Accumulates decoded text, holding back what could still turn into a stop string."""
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stop = stop
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+        self._hold = max((len(s) for s in stop), default=1) - 1
+
+    def add(self, piece: str, final: bool) -> str:
+        """Add decoded text; return what can be sent now."""
+        if self.stopped:
+            return ""
+        self.text += piece
+        cut = min((i for s in self.stop if (i := self.text.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+            final = True
+        ready = len(self.text) if final else max(self.sent, len(self.text) - self._hold)
+        delta, self.sent = self.text[self.sent : ready], ready
+        return delta
+
+
+class _Streamer(TextStreamer):
+    """transformers' streamer, decoding at word boundaries, feeding one request's deltas."""
+
+    def __init__(self, stream: GenerationStream, text: _StopAwareText) -> None:
+        super().__init__(stream.version.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stream, self.accumulated = stream, text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        delta = self.accumulated.add(text, stream_end)
+        if delta:
+            self.stream._deltas.put(delta)
+
+
+class _Stop(StoppingCriteria):
+    """Ends generation when the request is cancelled or a stop string was produced."""
+
+    def __init__(self, stream: GenerationStream, text: _StopAwareText) -> None:
+        self.stream, self.text = stream, text
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: object) -> bool:
+        return self.stream.cancelled or self.text.stopped
+
+
 class Engine:
-    """Runs generation requests one at a time on the registry's active version."""
+    """The generation loop of one process: a bounded queue in front of the model."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, max_waiting: int = 64) -> None:
         self.registry = registry
-        # One forward pass at a time: torch already uses every core for one batch, and the
-        # global RNG that seeds sampling must not be shared between requests.
-        self._lock = threading.Lock()
+        self.max_waiting = max_waiting
+        """Requests allowed to wait; beyond, `submit` raises EngineBusy instead of queueing."""
+        self._queue: queue.Queue[GenerationStream | None] = queue.Queue(maxsize=max_waiting)
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
-    def chat_prompt(self, user_message: str, version: ServingVersion | None = None) -> str:
-        """The exact prompt text for one user turn, using the model's chat template."""
+    def start(self) -> None:
+        """Start the generation loop."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="generation", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the running request, fail the waiting ones, and stop the loop."""
+        self._stopping.set()
+        while True:
+            try:
+                waiting = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if waiting is not None:
+                waiting._finish(None, EngineStopped("the service is shutting down"))
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=60)
+            self._thread = None
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not started."""
+        return self._queue.qsize()
+
+    def chat_prompt(
+        self, messages: list[dict[str, str]] | str, version: ServingVersion | None = None
+    ) -> str:
+        """The exact prompt text for a conversation (or one user turn), by the chat template."""
         tokenizer = (version or self.registry.active).tokenizer
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
         rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
+            messages, tokenize=False, add_generation_prompt=True
         )
         return str(rendered)
+
+    def submit(
+        self,
+        render: Callable[[ServingVersion], str],
+        params: SamplingParams,
+        lease: AbstractContextManager[ServingVersion] | None = None,
+    ) -> tuple[GenerationStream, str]:
+        """Queue a request; returns its stream and the exact prompt it will run on.
+
+        `render` makes the prompt for the leased version (default: the active one). Raises
+        PromptTooLong or EngineBusy at once, holding nothing.
+        """
+        if self._stopping.is_set():
+            raise EngineStopped("the service is shutting down")
+        stack = ExitStack()
+        try:
+            version = stack.enter_context(lease or self.registry.lease())
+            prompt = render(version)
+            # The chat template already carries the special tokens; adding more would change it.
+            input_ids = version.tokenizer(
+                prompt, add_special_tokens=False, return_tensors="pt"
+            ).input_ids
+            prompt_tokens = int(input_ids.shape[1])
+            if prompt_tokens + params.max_new_tokens > version.context_length:
+                raise PromptTooLong(prompt_tokens, params.max_new_tokens, version.context_length)
+            stream = GenerationStream(version, input_ids, params, stack)
+            self._queue.put_nowait(stream)
+        except queue.Full:
+            stack.close()
+            raise EngineBusy(
+                f"{self.max_waiting} requests are already waiting for the model; retry shortly"
+            ) from None
+        except BaseException:
+            stack.close()
+            raise
+        return stream, prompt
 
     def generate(
         self, prompt: str, params: SamplingParams, version: ServingVersion | None = None
     ) -> Completion:
-        """Generate one answer to a rendered prompt, on `version` (leased by the caller).
+        """Generate one answer to a rendered prompt and wait for it (tests, benchmarks, gate)."""
+        lease = _fixed(version) if version is not None else None
+        stream, _ = self.submit(lambda _: prompt, params, lease)
+        self.start()
+        return stream.result()
 
-        Without `version` it leases the active one for the duration of the call.
-        """
-        if version is None:
-            with self.registry.lease() as leased:
-                return self._generate(prompt, params, leased)
-        return self._generate(prompt, params, version)
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            stream = self._queue.get()
+            if stream is None:
+                break
+            try:
+                stream._finish(self._run(stream))
+            except Exception as exc:  # one bad request must not stop the loop
+                stream._finish(None, exc)
 
-    def _generate(self, prompt: str, params: SamplingParams, version: ServingVersion) -> Completion:
-        tokenizer, model = version.tokenizer, version.model
-        # The chat template already carries the special tokens; adding more would change the prompt.
-        input_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-        prompt_tokens = int(input_ids.shape[1])
-        if prompt_tokens + params.max_new_tokens > version.context_length:
-            raise PromptTooLong(prompt_tokens, params.max_new_tokens, version.context_length)
-        sampling: dict[str, object] = {"do_sample": False}
-        if params.temperature > 0:
-            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
-        with self._lock, torch.inference_mode():
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            output = model.generate(  # type: ignore[operator]
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=params.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **sampling,
-            )
-        new_tokens = output[0, prompt_tokens:]
-        stopped = len(new_tokens) > 0 and int(new_tokens[-1]) == tokenizer.eos_token_id
+    def _run(self, stream: GenerationStream) -> Completion:
+        version, params = stream.version, stream.params
+        tokenizer = version.tokenizer
+        text = _StopAwareText(params.stop)
+        new_tokens: torch.Tensor = torch.empty(0, dtype=torch.long)
+        if not stream.cancelled:
+            sampling: dict[str, object] = {"do_sample": False}
+            if params.temperature > 0:
+                sampling = {
+                    "do_sample": True, "temperature": params.temperature, "top_p": params.top_p,
+                }  # fmt: skip
+            with torch.inference_mode():
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                output = version.model.generate(  # type: ignore[operator]
+                    input_ids=stream.input_ids,
+                    attention_mask=torch.ones_like(stream.input_ids),
+                    max_new_tokens=params.max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    streamer=_Streamer(stream, text),
+                    stopping_criteria=StoppingCriteriaList([_Stop(stream, text)]),
+                    **sampling,
+                )
+            new_tokens = output[0, stream.prompt_tokens :]
+        # The record is the plain decoding of the tokens (the streamer's pieces add up to it),
+        # cut before a stop string.
+        answer = str(tokenizer.decode(new_tokens, skip_special_tokens=True))
+        cut = min((i for s in params.stop if (i := answer.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            answer = answer[:cut]
+        if stream.cancelled:
+            reason = "cancelled"
+        elif cut >= 0 or (len(new_tokens) and int(new_tokens[-1]) == tokenizer.eos_token_id):
+            reason = "stop"
+        else:
+            reason = "length"
         return Completion(
-            text=str(tokenizer.decode(new_tokens, skip_special_tokens=True)),
-            prompt_tokens=prompt_tokens,
+            text=answer,
+            prompt_tokens=stream.prompt_tokens,
             completion_tokens=len(new_tokens),
-            finish_reason="stop" if stopped else "length",
+            finish_reason=reason,
             version=version,
+            latency_ms=round((time.perf_counter() - stream._submitted) * 1000),
         )
+
+
+class _fixed(AbstractContextManager[ServingVersion]):
+    """A lease on a version the caller already holds."""
+
+    def __init__(self, version: ServingVersion) -> None:
+        self.version = version
+
+    def __enter__(self) -> ServingVersion:
+        return self.version
+
+    def __exit__(self, *_: object) -> None:
+        return None

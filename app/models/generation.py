@@ -19,6 +19,10 @@ class Task(enum.StrEnum):
     generate = "generate"
     translate = "translate"  # type: ignore[assignment]  # shadows str.translate, never used
     qa = "qa"
+    chat = "chat"
+    """OpenAI-style chat completion: input is the list of messages."""
+    completion = "completion"
+    """OpenAI-style text completion: the prompt is given to the model as is, without template."""
 
 
 class Generation(Base):

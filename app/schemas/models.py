@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.models import VersionKind, VersionStatus
 
@@ -15,6 +15,10 @@ class ModelVersionPublic(BaseModel):
 
     model_config = ConfigDict(from_attributes=True)
 
+    id: str = Field(description="The version's name, as OpenAI clients expect it.")
+    object: str = "model"
+    created: int = Field(description="Unix time the version was made.")
+    owned_by: str = "feedback-lm"
     name: str
     kind: VersionKind
     base_model: str

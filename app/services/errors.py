@@ -23,6 +23,10 @@ class Unavailable(ServiceError):
     """A service the request needs is down (503); retrying later can succeed."""
 
 
+class Busy(ServiceError):
+    """Too many requests are waiting (429); retrying shortly can succeed."""
+
+
 class InvalidInput(ServiceError):
     """A field's value is not acceptable (422); `field` names it, `location` says where it was."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict
 from typing import Any
@@ -12,14 +12,24 @@ from typing import Any
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from app.ml.engine import Engine, PromptTooLong, SamplingParams
+from app.ml.engine import (
+    Completion,
+    Engine,
+    EngineBusy,
+    GenerationStream,
+    PromptTooLong,
+    SamplingParams,
+)
 from app.ml.registry import ServingVersion
 from app.models import Feedback, Generation, ModelVersion, Task
-from app.services.errors import InvalidInput, NotFound
+from app.services.errors import Busy, InvalidInput, NotFound
 from app.services.prompts import language_name, user_message
 
 # The field a too-long input is reported on, per task.
-_MAIN_FIELD = {Task.generate: "prompt", Task.translate: "text", Task.qa: "question"}
+_MAIN_FIELD = {
+    Task.generate: "prompt", Task.translate: "text", Task.qa: "question",
+    Task.chat: "messages", Task.completion: "prompt",
+}  # fmt: skip
 
 
 def input_hash(task: Task, data: dict[str, Any]) -> str:
@@ -34,12 +44,75 @@ def _validate(task: Task, data: dict[str, Any], max_chars: int) -> None:
             code = data.get(field)
             if code is not None and language_name(code) is None:
                 raise InvalidInput(field, f"{code!r} is not an ISO 639-1 language code (e.g. 'fr')")
-    length = sum(len(value) for value in data.values() if isinstance(value, str))
+    texts = [m["content"] for m in data["messages"]] if task is Task.chat else data.values()
+    length = sum(len(value) for value in texts if isinstance(value, str))
     if length > max_chars:
         raise InvalidInput(
             _MAIN_FIELD[task],
             f"the input is {length} characters; the limit is {max_chars} (MAX_PROMPT_CHARS)",
         )
+
+
+def _render(engine: Engine, task: Task, data: dict[str, Any]) -> Callable[[ServingVersion], str]:
+    """How a task's input becomes the exact prompt text for a version."""
+    if task is Task.completion:
+        return lambda _: str(data["prompt"])
+    if task is Task.chat:
+        return lambda version: engine.chat_prompt(list(data["messages"]), version)
+    return lambda version: engine.chat_prompt(user_message(task, data), version)
+
+
+def start_generation(
+    engine: Engine,
+    *,
+    task: Task,
+    data: dict[str, Any],
+    params: SamplingParams,
+    max_chars: int,
+    version_lease: AbstractContextManager[ServingVersion] | None = None,
+) -> tuple[GenerationStream, str]:
+    """Validate the input and queue it; the stream of the answer and the exact prompt.
+
+    The request holds its version (by default the active one) from rendering to the last
+    token: a swap meanwhile neither changes nor recycles it.
+    """
+    _validate(task, data, max_chars)
+    try:
+        return engine.submit(_render(engine, task, data), params, version_lease)
+    except PromptTooLong as exc:
+        raise InvalidInput(_MAIN_FIELD[task], str(exc)) from None
+    except EngineBusy as exc:
+        raise Busy(str(exc)) from None
+
+
+def record_generation(
+    session: Session,
+    *,
+    api_key_id: int,
+    task: Task,
+    data: dict[str, Any],
+    prompt: str,
+    params: SamplingParams,
+    completion: Completion,
+) -> Generation:
+    """Store one answer with its exact prompt, parameters and version."""
+    generation = Generation(
+        task=task,
+        input=data,
+        input_hash=input_hash(task, data),
+        prompt=prompt,
+        params={k: v for k, v in asdict(params).items() if k != "stop" or v},  # stop: when set
+        output=completion.text,
+        finish_reason=completion.finish_reason,
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        latency_ms=completion.latency_ms,
+        model_version_id=completion.version.id,
+        api_key_id=api_key_id,
+    )
+    session.add(generation)
+    session.commit()
+    return generation
 
 
 def create_generation(
@@ -53,36 +126,15 @@ def create_generation(
     max_chars: int,
     version_lease: AbstractContextManager[ServingVersion] | None = None,
 ) -> Generation:
-    """Run the model on one task input and record the generation.
-
-    `version_lease` holds the version to use; by default the active one is leased.
-    """
-    _validate(task, data, max_chars)
-    # One lease: a swap while this request runs does not change or recycle its version.
-    with version_lease or engine.registry.lease() as version:
-        prompt = engine.chat_prompt(user_message(task, data), version)
-        started = time.perf_counter()
-        try:
-            completion = engine.generate(prompt, params, version)
-        except PromptTooLong as exc:
-            raise InvalidInput(_MAIN_FIELD[task], str(exc)) from None
-    generation = Generation(
-        task=task,
-        input=data,
-        input_hash=input_hash(task, data),
-        prompt=prompt,
-        params=asdict(params),
-        output=completion.text,
-        finish_reason=completion.finish_reason,
-        prompt_tokens=completion.prompt_tokens,
-        completion_tokens=completion.completion_tokens,
-        latency_ms=round((time.perf_counter() - started) * 1000),
-        model_version_id=completion.version.id,
-        api_key_id=api_key_id,
-    )
-    session.add(generation)
-    session.commit()
-    return generation
+    """Run the model on one task input, wait for the answer and record it."""
+    stream, prompt = start_generation(
+        engine, task=task, data=data, params=params, max_chars=max_chars,
+        version_lease=version_lease,
+    )  # fmt: skip
+    return record_generation(
+        session, api_key_id=api_key_id, task=task, data=data, prompt=prompt, params=params,
+        completion=stream.result(),
+    )  # fmt: skip
 
 
 def get_generation(session: Session, generation_id: int) -> Generation:

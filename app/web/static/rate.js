@@ -54,6 +54,11 @@ function describeInput(generation) {
     const from = input.source_lang ? `from ${input.source_lang} ` : "";
     return [`Translate ${from}to ${input.target_lang}`, input.text];
   }
+  if (generation.task === "chat") {
+    const turns = (input.messages || []).map((m) => `${m.role}: ${m.content}`);
+    return ["Chat", turns.join("\n\n")];
+  }
+  if (generation.task === "completion") return ["Completion of", input.prompt];
   if (generation.task === "qa") {
     return ["Question", input.context ? `${input.question}\n\nContext: ${input.context}` : input.question];
   }

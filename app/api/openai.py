@@ -1,0 +1,254 @@
+"""OpenAI-compatible endpoints: chat completions and completions, streamed or not.
+
+What they generate is recorded like every other generation; `generation_id` in the response (in
+the last chunk when streaming) is what to rate.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractContextManager
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.deps import CurrentKey, EngineDep, FollowerDep, SessionDep, SettingsDep
+from app.ml.engine import Completion, GenerationStream
+from app.ml.registry import ServingVersion
+from app.models import ApiKey, Role, Task
+from app.schemas.openai import (
+    ChatChoice,
+    ChatChoiceMessage,
+    ChatCompletion,
+    ChatCompletionRequest,
+    CompletionChoice,
+    CompletionRequest,
+    TextCompletion,
+    Usage,
+)
+from app.services import generations
+from app.services.serving import VersionFollower
+
+
+class OpenAIErrorRoute(APIRoute):
+    """Errors also carry OpenAI's `{"error": {"message", "type"}}`, which its clients display.
+
+    The app's own handlers make the response (`detail`, status, headers); this adds the object.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except Exception as exc:
+                app_handler = next(
+                    (
+                        h for cls in type(exc).__mro__
+                        if (h := request.app.exception_handlers.get(cls)) is not None
+                    ),
+                    None,
+                )  # fmt: skip
+                if app_handler is None:
+                    raise
+                response = await app_handler(request, exc)
+                return _with_openai_error(response)
+
+        return handler
+
+
+def _with_openai_error(response: Response) -> Response:
+    try:
+        body = json.loads(bytes(response.body))
+    except ValueError:
+        return response
+    detail = body.get("detail")
+    if isinstance(detail, list):
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail
+        )
+    else:
+        message = str(detail)
+    kind = "invalid_request_error" if response.status_code < 500 else "server_error"
+    body["error"] = {"message": message, "type": kind, "code": response.status_code}
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    return JSONResponse(body, status_code=response.status_code, headers=headers)
+
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIErrorRoute)
+
+
+def _lease(
+    body: ChatCompletionRequest | CompletionRequest,
+    key: ApiKey,
+    session: Session,
+    follower: VersionFollower,
+) -> AbstractContextManager[ServingVersion] | None:
+    """The version `model` names: None (the active one) for `default` or the active name."""
+    if body.model in ("default", follower.registry.active.name):
+        return None
+    if key.role is not Role.admin:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"model {body.model!r}: only admins choose a version other than the active one; "
+            "use 'default'",
+        )
+    return follower.lease_by_name(session, body.model)
+
+
+def _usage(completion: Completion) -> Usage:
+    return Usage(
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        total_tokens=completion.prompt_tokens + completion.completion_tokens,
+    )
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def _stream(
+    stream: GenerationStream,
+    record: Any,
+    chunk: Any,
+) -> StreamingResponse:
+    """Server-sent events: text deltas, a last chunk with finish_reason, usage and
+    generation_id, then `[DONE]`. A client that goes away cancels the generation."""
+
+    async def events() -> AsyncIterator[str]:
+        finished = False
+        try:
+            yield _sse(chunk({"role": "assistant", "content": ""}, None))
+            while (delta := await anyio.to_thread.run_sync(stream.next_delta)) is not None:
+                yield _sse(chunk({"content": delta}, None))
+            completion = stream.result()
+            row_id = await anyio.to_thread.run_sync(record, completion)
+            finished = True
+            last = chunk({}, completion.finish_reason)
+            yield _sse({**last, "usage": _usage(completion).model_dump(), "generation_id": row_id})
+            yield _sse("[DONE]")
+        finally:
+            if not finished:
+                stream.cancel()
+                # Recorded once the loop lets go of it, so even a cancelled answer is kept.
+                threading.Thread(target=lambda: record(stream.result()), daemon=True).start()
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+def _recorder(
+    sessions: sessionmaker[Session],
+    key: ApiKey,
+    task: Task,
+    data: dict[str, Any],
+    prompt: str,
+    body: ChatCompletionRequest | CompletionRequest,
+) -> Any:
+    """Records the answer in its own session (a stream outlives the request's session)."""
+    key_id = key.id
+
+    def record(completion: Completion) -> int:
+        with sessions() as session:
+            row = generations.record_generation(
+                session, api_key_id=key_id, task=task, data=data, prompt=prompt,
+                params=body.sampling(), completion=completion,
+            )  # fmt: skip
+            return row.id
+
+    return record
+
+
+@router.post("/chat/completions", response_model=ChatCompletion)
+def chat_completions(
+    body: ChatCompletionRequest,
+    key: CurrentKey,
+    session: SessionDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    follower: FollowerDep,
+    request: Request,
+) -> Any:
+    """OpenAI's chat completions: the conversation through the model's chat template."""
+    data = body.task_input()
+    stream, prompt = generations.start_generation(
+        engine, task=Task.chat, data=data, params=body.sampling(),
+        max_chars=settings.max_prompt_chars, version_lease=_lease(body, key, session, follower),
+    )  # fmt: skip
+    record = _recorder(request.app.state.sessionmaker, key, Task.chat, data, prompt, body)
+    created = int(time.time())
+    model = stream.version.name
+    if body.stream:
+        chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            return {
+                "id": chunk_id, "object": "chat.completion.chunk", "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }  # fmt: skip
+
+        return _stream(stream, record, chunk)
+    completion = stream.result()
+    row_id = record(completion)
+    return ChatCompletion(
+        id=f"chatcmpl-{row_id}", created=created, model=model, generation_id=row_id,
+        choices=[ChatChoice(
+            message=ChatChoiceMessage(content=completion.text),
+            finish_reason=completion.finish_reason,
+        )],
+        usage=_usage(completion),
+    )  # fmt: skip
+
+
+@router.post("/completions", response_model=TextCompletion)
+def completions(
+    body: CompletionRequest,
+    key: CurrentKey,
+    session: SessionDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    follower: FollowerDep,
+    request: Request,
+) -> Any:
+    """OpenAI's (legacy) completions: the prompt goes to the model as is."""
+    data = body.task_input()
+    stream, prompt = generations.start_generation(
+        engine, task=Task.completion, data=data, params=body.sampling(),
+        max_chars=settings.max_prompt_chars, version_lease=_lease(body, key, session, follower),
+    )  # fmt: skip
+    record = _recorder(request.app.state.sessionmaker, key, Task.completion, data, prompt, body)
+    created = int(time.time())
+    model = stream.version.name
+    if body.stream:
+        chunk_id = f"cmpl-{uuid.uuid4().hex}"
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            return {
+                "id": chunk_id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{
+                    "index": 0, "text": delta.get("content", ""), "finish_reason": finish,
+                    "logprobs": None,
+                }],
+            }  # fmt: skip
+
+        return _stream(stream, record, chunk)
+    completion = stream.result()
+    row_id = record(completion)
+    return TextCompletion(
+        id=f"cmpl-{row_id}", created=created, model=model, generation_id=row_id,
+        choices=[CompletionChoice(text=completion.text, finish_reason=completion.finish_reason)],
+        usage=_usage(completion),
+    )  # fmt: skip

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     """Newest share of a round's ratings kept back for the promotion gate."""
     training_stale_after: Annotated[float, Field(gt=0)] = 600
     """A running round with no heartbeat for this many seconds is declared lost."""
+    max_batch_size: Annotated[int, Field(ge=1, le=256)] = 32
+    """Requests decoding together in one batch; more wait in the queue."""
     max_waiting_requests: Annotated[int, Field(ge=1, le=10_000)] = 64
     """Generation requests allowed to wait for the model; beyond, a 429 with Retry-After."""
     swap_poll_interval: Annotated[float, Field(gt=0)] = 0.25

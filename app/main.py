@@ -62,7 +62,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         follower.start()
         app.state.sessionmaker = sessions
         app.state.registry = registry
-        engine = Engine(registry, max_waiting=settings.max_waiting_requests)
+        engine = Engine(
+            registry, max_waiting=settings.max_waiting_requests, max_batch=settings.max_batch_size
+        )
         engine.start()
         app.state.engine = engine
         app.state.follower = follower

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -43,3 +44,43 @@ def test_default_model_answers_the_capital_of_france(tmp_path: Path) -> None:
     assert response.status_code == 200, response.text
     assert "Paris" in response.json()["output"]
     assert response.json()["finish_reason"] == "stop"
+
+
+def test_batched_greedy_answers_match_answers_alone() -> None:
+    """Continuous batching changes nothing in an answer: left padding, joins and leaves included.
+
+    Prompts of different lengths, with different lengths to generate, joining at different
+    steps, give the greedy answers each gives alone (on the real model, whose choices are not
+    near-ties the way a random tiny model's are).
+    """
+    import torch
+
+    from app.ml.engine import Engine, SamplingParams
+    from app.ml.loading import load_model
+    from app.ml.registry import ModelRegistry, ServingVersion
+
+    path = prepare_default_model(CACHE / "real" / "models")
+    model, tokenizer = load_model(path, torch.float32)
+    registry = ModelRegistry()
+    registry.activate(ServingVersion(1, "v0", model, tokenizer))
+    engine = Engine(registry)
+    questions = [
+        "What is the capital of France?",
+        "Name three colours of the rainbow, then explain in two sentences why the sky is blue.",
+        "Hi",
+        "Write one sentence about autumn leaves.",
+    ]
+    lengths = [24, 40, 8, 32]
+
+    def submit(i: int) -> Any:
+        params = SamplingParams(max_new_tokens=lengths[i], temperature=0)
+        return engine.submit(lambda v: engine.chat_prompt(questions[i], v), params)[0]
+
+    engine.start()
+    alone = [submit(i).result(120).text for i in range(len(questions))]
+    first = submit(1)  # running for a while before the others join
+    assert first.next_delta(60)
+    together = [first, *(submit(i) for i in (0, 2, 3))]
+    results = {i: s.result(120).text for i, s in zip((1, 0, 2, 3), together, strict=True)}
+    engine.stop()
+    assert [results[i] for i in range(len(questions))] == alone

@@ -187,6 +187,7 @@ def chat_completions(
         engine, task=Task.chat, data=data, params=body.sampling(),
         max_chars=settings.max_prompt_chars, version_lease=_lease(body, key, session, follower),
     )  # fmt: skip
+    generations.release_connection(session)  # a stream can outlive the pool's patience
     record = _recorder(request.app.state.sessionmaker, key, Task.chat, data, prompt, body)
     created = int(time.time())
     model = stream.version.name
@@ -229,6 +230,7 @@ def completions(
         engine, task=Task.completion, data=data, params=body.sampling(),
         max_chars=settings.max_prompt_chars, version_lease=_lease(body, key, session, follower),
     )  # fmt: skip
+    generations.release_connection(session)  # a stream can outlive the pool's patience
     record = _recorder(request.app.state.sessionmaker, key, Task.completion, data, prompt, body)
     created = int(time.time())
     model = stream.version.name

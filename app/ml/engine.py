@@ -1,12 +1,14 @@
 """Text generation: one loop per process takes requests from a bounded queue and streams tokens.
 
 Requests hold a lease on the version they were rendered for from `submit` until they finish, so
-a swap never changes the weights under them. The loop runs one request at a time for now; it is
-the one place that will batch concurrent requests.
+a swap never changes the weights under them. The loop batches the requests running on each
+version (continuous batching, `app/ml/batching.py`): new ones join between steps, finished ones
+leave, and a swap only means new requests go to another batch.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -15,9 +17,11 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
+from app.ml.batching import Batch
 from app.ml.registry import ModelRegistry, ServingVersion
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -145,34 +149,13 @@ class _StopAwareText:
         return delta
 
 
-class _Streamer(TextStreamer):
-    """transformers' streamer, decoding at word boundaries, feeding one request's deltas."""
-
-    def __init__(self, stream: GenerationStream, text: _StopAwareText) -> None:
-        super().__init__(stream.version.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.stream, self.accumulated = stream, text
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        delta = self.accumulated.add(text, stream_end)
-        if delta:
-            self.stream._deltas.put(delta)
-
-
-class _Stop(StoppingCriteria):
-    """Ends generation when the request is cancelled or a stop string was produced."""
-
-    def __init__(self, stream: GenerationStream, text: _StopAwareText) -> None:
-        self.stream, self.text = stream, text
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: object) -> bool:
-        return self.stream.cancelled or self.text.stopped
-
-
 class Engine:
     """The generation loop of one process: a bounded queue in front of the model."""
 
-    def __init__(self, registry: ModelRegistry, max_waiting: int = 64) -> None:
+    def __init__(self, registry: ModelRegistry, max_waiting: int = 64, max_batch: int = 32) -> None:
         self.registry = registry
+        self.max_batch = max_batch
+        """Requests decoding together at most; more wait in the queue."""
         self.max_waiting = max_waiting
         """Requests allowed to wait; beyond, `submit` raises EngineBusy instead of queueing."""
         self._queue: queue.Queue[GenerationStream | None] = queue.Queue(maxsize=max_waiting)
@@ -263,60 +246,54 @@ class Engine:
         return stream.result()
 
     def _loop(self) -> None:
+        batches: dict[ServingVersion, Batch] = {}  # one per version: swaps never mix weights
         while not self._stopping.is_set():
-            stream = self._queue.get()
-            if stream is None:
-                break
+            running = sum(len(batch) for batch in batches.values())
+            arrivals: list[GenerationStream] = []
             try:
-                stream._finish(self._run(stream))
-            except Exception as exc:  # one bad request must not stop the loop
-                stream._finish(None, exc)
+                # Idle: sleep until a request comes. Busy: take what is there, between steps.
+                first = self._queue.get() if running == 0 else self._queue.get_nowait()
+                if first is None:
+                    break
+                arrivals.append(first)
+                while running + len(arrivals) < self.max_batch:
+                    more = self._queue.get_nowait()
+                    if more is None:
+                        self._stopping.set()
+                        break
+                    arrivals.append(more)
+            except queue.Empty:
+                pass
+            for stream in arrivals:
+                if stream.cancelled:
+                    stream._finish(_nothing(stream))
+                    continue
+                batch = batches.setdefault(stream.version, Batch(stream.version))
+                try:
+                    batch.admit(stream)
+                except Exception as exc:  # one bad request must not stop the loop
+                    log.exception("prefill failed")
+                    stream._finish(None, exc)
+            for version, batch in list(batches.items()):
+                try:
+                    for row, completion in batch.step():
+                        row.stream._finish(completion)
+                except Exception as exc:
+                    log.exception("a decoding step failed; its requests fail")
+                    batch.fail(exc)
+                if not batch:
+                    del batches[version]
+        for batch in batches.values():
+            batch.fail(EngineStopped("the service is shutting down"))
 
-    def _run(self, stream: GenerationStream) -> Completion:
-        version, params = stream.version, stream.params
-        tokenizer = version.tokenizer
-        text = _StopAwareText(params.stop)
-        new_tokens: torch.Tensor = torch.empty(0, dtype=torch.long)
-        if not stream.cancelled:
-            sampling: dict[str, object] = {"do_sample": False}
-            if params.temperature > 0:
-                sampling = {
-                    "do_sample": True, "temperature": params.temperature, "top_p": params.top_p,
-                }  # fmt: skip
-            with torch.inference_mode():
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                output = version.model.generate(  # type: ignore[operator]
-                    input_ids=stream.input_ids,
-                    attention_mask=torch.ones_like(stream.input_ids),
-                    max_new_tokens=params.max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    streamer=_Streamer(stream, text),
-                    stopping_criteria=StoppingCriteriaList([_Stop(stream, text)]),
-                    **sampling,
-                )
-            new_tokens = output[0, stream.prompt_tokens :]
-        # The record is the plain decoding of the tokens (the streamer's pieces add up to it),
-        # cut before a stop string.
-        answer = str(tokenizer.decode(new_tokens, skip_special_tokens=True))
-        cut = min((i for s in params.stop if (i := answer.find(s)) >= 0), default=-1)
-        if cut >= 0:
-            answer = answer[:cut]
-        if stream.cancelled:
-            reason = "cancelled"
-        elif cut >= 0 or (len(new_tokens) and int(new_tokens[-1]) == tokenizer.eos_token_id):
-            reason = "stop"
-        else:
-            reason = "length"
-        return Completion(
-            text=answer,
-            prompt_tokens=stream.prompt_tokens,
-            completion_tokens=len(new_tokens),
-            finish_reason=reason,
-            version=version,
-            latency_ms=round((time.perf_counter() - stream._submitted) * 1000),
-        )
+
+def _nothing(stream: GenerationStream) -> Completion:
+    """The completion of a request cancelled before it started."""
+    return Completion(
+        text="", prompt_tokens=stream.prompt_tokens, completion_tokens=0,
+        finish_reason="cancelled", version=stream.version,
+        latency_ms=round((time.perf_counter() - stream._submitted) * 1000),
+    )  # fmt: skip
 
 
 class _fixed(AbstractContextManager[ServingVersion]):

@@ -115,6 +115,12 @@ def record_generation(
     return generation
 
 
+def release_connection(session: Session) -> None:
+    """End the session's read transaction, so no pooled connection is held while the model
+    generates (seconds; more concurrent requests than the pool has connections)."""
+    session.commit()
+
+
 def create_generation(
     session: Session,
     engine: Engine,
@@ -131,6 +137,7 @@ def create_generation(
         engine, task=task, data=data, params=params, max_chars=max_chars,
         version_lease=version_lease,
     )  # fmt: skip
+    release_connection(session)
     return record_generation(
         session, api_key_id=api_key_id, task=task, data=data, prompt=prompt, params=params,
         completion=stream.result(),

@@ -1,0 +1,115 @@
+"""The generation loop on the tiny model: continuous batching, seeds, cancellation, two versions."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.ml.engine import Engine, GenerationStream, SamplingParams
+from app.ml.loading import load_model
+from app.ml.registry import ModelRegistry, ServingVersion
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir: Path) -> ServingVersion:
+    model, tokenizer = load_model(tiny_model_dir, torch.float32)
+    return ServingVersion(1, "v0", model, tokenizer)
+
+
+@pytest.fixture
+def engine(base: ServingVersion) -> Iterator[Engine]:
+    registry = ModelRegistry()
+    registry.activate(base)
+    running = Engine(registry, max_batch=8)
+    running.start()
+    yield running
+    running.stop()
+
+
+def submit(engine: Engine, text: str, **params: object) -> GenerationStream:
+    sampling = SamplingParams(**params)  # type: ignore[arg-type]
+    return engine.submit(lambda version: engine.chat_prompt(text, version), sampling)[0]
+
+
+def test_a_short_request_joins_and_leaves_while_a_long_one_runs(engine: Engine) -> None:
+    """New requests join at token boundaries and finished ones leave: no waiting in line."""
+    long = submit(engine, "Tell me a long story.", max_new_tokens=400, temperature=0)
+    assert long.next_delta(30)  # decoding has started
+    short = submit(engine, "Hi", max_new_tokens=3, temperature=0)
+    done = short.result(30)
+    assert done.completion_tokens == 3 and done.finish_reason == "length"
+    assert not long._done.is_set(), "the short request waited for the long one"
+    assert long.result(60).completion_tokens == 400
+
+
+def test_seeded_answers_do_not_depend_on_what_runs_beside(engine: Engine) -> None:
+    """Each request samples with its own generator: same seed, same answer, batched or alone."""
+    alone = submit(engine, "Pick words.", max_new_tokens=12, seed=7).result(30).text
+    others = [submit(engine, f"Other {i}", max_new_tokens=20, seed=i) for i in range(5)]
+    again = submit(engine, "Pick words.", max_new_tokens=12, seed=7)
+    assert again.result(30).text == alone
+    assert all(o.result(30).completion_tokens == 20 for o in others)
+    different = submit(engine, "Pick words.", max_new_tokens=12, seed=8).result(30).text
+    assert different != alone
+
+
+def test_streamed_pieces_add_up_to_the_answer(engine: Engine) -> None:
+    """What a client reads from the stream is exactly the recorded answer."""
+    stream = submit(engine, "Say something.", max_new_tokens=30, temperature=0.9, seed=1)
+    pieces = list(stream)
+    assert "".join(pieces) == stream.result().text and len(pieces) > 1
+
+
+def test_a_cancelled_request_stops_and_frees_its_place(engine: Engine) -> None:
+    """Cancelling ends the request at the next step, with what was generated so far."""
+    stream = submit(engine, "Go on and on.", max_new_tokens=400, temperature=0)
+    assert stream.next_delta(30)
+    stream.cancel()
+    done = stream.result(30)
+    assert done.finish_reason == "cancelled" and done.completion_tokens < 400
+    assert submit(engine, "Next", max_new_tokens=2).result(30).completion_tokens == 2
+
+
+def test_two_versions_decode_side_by_side_through_a_swap(
+    engine: Engine, base: ServingVersion
+) -> None:
+    """After a swap, new requests run on the new version while older ones finish on theirs."""
+    old = submit(engine, "Keep talking.", max_new_tokens=300, temperature=0)
+    assert old.next_delta(30)
+    changed = copy.deepcopy(base.model)
+    with torch.no_grad():
+        changed.model.norm.weight.mul_(-1)  # a different model: different greedy answers
+    engine.registry.activate(ServingVersion(2, "v1", changed, base.tokenizer, recyclable=True))
+    new = submit(engine, "Keep talking.", max_new_tokens=5, temperature=0)
+    assert new.result(30).version.name == "v1"
+    assert not old._done.is_set()
+    finished = old.result(60)
+    assert finished.version.name == "v0" and finished.completion_tokens == 300
+    # Each ran in its own batch on its own weights: the same answer as on that version alone.
+    alone = engine.generate(
+        engine.chat_prompt("Keep talking.", base),
+        SamplingParams(max_new_tokens=300, temperature=0),
+        version=base,
+    )
+    assert alone.text == finished.text and alone.version.name == "v0"
+
+
+def test_a_full_queue_refuses_at_once(base: ServingVersion) -> None:
+    """Beyond max_waiting the engine raises instead of queueing without bound."""
+    from app.ml.engine import EngineBusy
+
+    registry = ModelRegistry()
+    registry.activate(base)
+    idle = Engine(registry, max_waiting=2)  # not started: nothing leaves the queue
+    for _ in range(2):
+        submit(idle, "Hi", max_new_tokens=2)
+    started = time.perf_counter()
+    with pytest.raises(EngineBusy, match="2 requests are already waiting"):
+        submit(idle, "Hi", max_new_tokens=2)
+    assert time.perf_counter() - started < 1
+    idle.stop()

@@ -145,8 +145,7 @@ def llama_cpp_server(gguf: Path, port: int) -> subprocess.Popen[bytes]:
                         "llama-cpp-python[server]"], check=True)  # fmt: skip
     return subprocess.Popen(
         [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
-         "--n_threads", str(os.cpu_count() or 2), "--n_ctx", "8192",
-         "--n_parallel", "1"],
+         "--n_threads", str(os.cpu_count() or 2), "--n_ctx", "8192"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
 

@@ -130,7 +130,7 @@ def _stream(
         finished = False
         try:
             yield _sse(chunk({"role": "assistant", "content": ""}, None))
-            while (delta := await anyio.to_thread.run_sync(stream.next_delta)) is not None:
+            async for delta in stream.deltas():
                 yield _sse(chunk({"content": delta}, None))
             completion = stream.result()
             row_id = await anyio.to_thread.run_sync(record, completion)

@@ -42,6 +42,10 @@ class Row:
         self.text = _StopAwareText(self.stream.params.stop)
 
 
+CANDIDATES = 256
+"""Tokens sorted per row for top-p; a row whose nucleus is wider falls back to a full sort."""
+
+
 def _sample(logits: torch.Tensor, rows: list[Row]) -> list[int]:
     """One token per row, with each row's temperature, top-p and generator (greedy at 0)."""
     picked = logits.argmax(dim=-1)
@@ -52,13 +56,19 @@ def _sample(logits: torch.Tensor, rows: list[Row]) -> list[int]:
     temperature = torch.tensor([rows[i].stream.params.temperature for i in sampling])
     top_p = torch.tensor([rows[i].stream.params.top_p for i in sampling])
     probs = torch.softmax(logits[index].float() / temperature[:, None], dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (always at least the first token).
-    outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None]
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    # Sorting the whole vocabulary for every row costs more than the rest of a step; the
+    # nucleus almost always lies in the most likely few hundred tokens, and when it does not
+    # the row is sorted in full, so the result is exactly top-p either way.
+    candidates, order = probs.topk(min(CANDIDATES, probs.shape[-1]), dim=-1)
     for j, i in enumerate(sampling):
-        choice = torch.multinomial(sorted_probs[j], 1, generator=rows[i].generator)
-        picked[i] = order[j, choice[0]]
+        row_probs, row_order = candidates[j], order[j]
+        if float(row_probs.sum()) < float(top_p[j]):
+            row_probs, row_order = probs[j].sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the first token).
+        outside = row_probs.cumsum(dim=-1) - row_probs > top_p[j]
+        weights = row_probs.masked_fill(outside, 0.0)
+        choice = torch.multinomial(weights, 1, generator=rows[i].generator)
+        picked[i] = row_order[choice[0]]
     return [int(t) for t in picked]
 
 
@@ -159,7 +169,7 @@ class Batch:
             delta = row.text.add(text[len(row.decoded) :], final=last)
             row.decoded = text
             if delta:
-                row.stream._deltas.put(delta)
+                row.stream._put(delta)
         if row.stream.cancelled:
             row.finish = "cancelled"
         elif eos or row.text.stopped:

@@ -8,11 +8,13 @@ leave, and a swap only means new requests go to another batch.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 
@@ -85,6 +87,9 @@ class GenerationStream:
     _completion: Completion | None = None
     _error: BaseException | None = None
     _submitted: float = field(default_factory=time.perf_counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _handoff: asyncio.Queue[str | None] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -109,6 +114,30 @@ class GenerationStream:
         """The next piece of text, or None once the answer is complete."""
         return self._deltas.get(timeout=timeout)
 
+    async def deltas(self) -> AsyncIterator[str]:
+        """Text deltas for an event loop: handed over by the generation thread directly,
+        without a worker thread per request waiting on a queue."""
+        loop = asyncio.get_running_loop()
+        handoff: asyncio.Queue[str | None] = asyncio.Queue()
+        with self._lock:
+            while True:
+                try:
+                    handoff.put_nowait(self._deltas.get_nowait())
+                except queue.Empty:
+                    break
+            self._loop, self._handoff = loop, handoff
+        while (delta := await handoff.get()) is not None:
+            yield delta
+
+    def _put(self, delta: str | None) -> None:
+        with self._lock:
+            if self._loop is None or self._handoff is None:
+                self._deltas.put(delta)
+                return
+            # RuntimeError: the event loop is gone (shutdown), so nobody is listening.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._handoff.put_nowait, delta)
+
     def result(self, timeout: float | None = None) -> Completion:
         """The whole answer, once generated."""
         if not self._done.wait(timeout):
@@ -121,7 +150,7 @@ class GenerationStream:
     def _finish(self, completion: Completion | None, error: BaseException | None = None) -> None:
         self._completion, self._error = completion, error
         self._lease.close()  # the version may be recycled from here on
-        self._deltas.put(None)
+        self._put(None)
         self._done.set()
 
 

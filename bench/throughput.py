@@ -4,7 +4,7 @@ Over HTTP (streaming OpenAI chat completions) at each concurrency level, every c
 for 128 new tokens back to back; it prints aggregate completion tokens per second, time to first
 token (p50, p99) and time between tokens (p50). In the same run, on the same model: sequential
 `transformers` `generate` (fp32, batch 1), and, with --llama-cpp, llama-cpp-python's server on
-the same GGUF (installed into .cache/llama-venv on first use; building it takes minutes).
+the same GGUF (installed into .cache/llama-venv-<version> on first use; building it takes minutes).
 
     .venv/bin/python bench/throughput.py                       # this service and generate
     .venv/bin/python bench/throughput.py --llama-cpp           # and llama-cpp-python
@@ -32,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ADMIN = "bench-admin-key-0123456789"
+LLAMA_CPP_VERSION = "0.3.16"
+"""0.3.36, the newest on 2026-11-29, crashes (segmentation fault) on its first token on an AMX
+machine here; 0.3.16 runs."""
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how rain forms, for a child.",
@@ -135,19 +138,44 @@ def sequential_generate(model_dir: Path, tokens: int, count: int) -> float:
 
 def llama_cpp_server(gguf: Path, port: int) -> subprocess.Popen[bytes]:
     """llama-cpp-python's OpenAI-compatible server on the GGUF, from its own environment."""
-    venv = ROOT / ".cache" / "llama-venv"
+    venv = ROOT / ".cache" / f"llama-venv-{LLAMA_CPP_VERSION}"
     python = venv / "bin" / "python"
     if not python.exists():
         print("installing llama-cpp-python into .cache/llama-venv (builds llama.cpp) ...",
               flush=True)  # fmt: skip
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "--quiet",
-                        "llama-cpp-python[server]"], check=True)  # fmt: skip
+                        f"llama-cpp-python[server]=={LLAMA_CPP_VERSION}"], check=True)  # fmt: skip
     return subprocess.Popen(
         [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
-         "--n_threads", str(os.cpu_count() or 2), "--n_ctx", "8192"],
+         "--n_threads", str(os.cpu_count() or 2), "--n_ctx", "8192",
+         # By default a new request interrupts the one streaming; serve them in turn instead.
+         "--interrupt_requests", "False"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+LLAMA_IN_PROCESS = """
+import sys, time
+from llama_cpp import Llama
+model = Llama(model_path=sys.argv[1], n_threads=int(sys.argv[2]), n_ctx=2048, verbose=False)
+messages = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+model.create_chat_completion(messages=messages, max_tokens=8)  # warm up
+total, started = 0, time.perf_counter()
+for _ in range(3):
+    out = model.create_chat_completion(messages=messages, max_tokens=int(sys.argv[3]))
+    total += out["usage"]["completion_tokens"]
+print(f"{total / (time.perf_counter() - started):.1f}")
+"""
+
+
+def llama_cpp_in_process(gguf: Path, tokens: int) -> float:
+    """llama-cpp-python called directly (no server), batch 1: tokens per second."""
+    python = ROOT / ".cache" / f"llama-venv-{LLAMA_CPP_VERSION}" / "bin" / "python"
+    threads = str(os.cpu_count() or 2)
+    out = subprocess.run([str(python), "-c", LLAMA_IN_PROCESS, str(gguf), threads, str(tokens)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def report(name: str, figures: dict[int, dict[str, float]]) -> None:
@@ -204,7 +232,7 @@ def main() -> None:
         from app.ml.loading import fetch_default_gguf
 
         gguf = fetch_default_gguf(ROOT / ".cache" / "gguf")
-        llama = llama_cpp_server(gguf, 8791)
+        llama = llama_cpp_server(gguf, 8791)  # installs the environment on first use
         try:
             wait_ready("http://127.0.0.1:8791/v1/models", llama, 900)
             theirs = {
@@ -217,6 +245,8 @@ def main() -> None:
         finally:
             llama.send_signal(signal.SIGTERM)
             llama.wait(timeout=60)
+        print(f"llama-cpp-python called in-process (no server, batch 1): "
+              f"{llama_cpp_in_process(gguf, args.tokens):.1f} tok/s", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -20,8 +21,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.config import Settings
 from app.deps import CurrentKey, EngineDep, FollowerDep, SessionDep, SettingsDep
-from app.ml.engine import Completion, GenerationStream
+from app.ml.engine import Completion, Engine, GenerationStream
 from app.ml.registry import ServingVersion
 from app.models import ApiKey, Role, Task
 from app.schemas.openai import (
@@ -118,10 +120,14 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
+Chunk = Callable[[dict[str, Any], str | None], dict[str, Any]]
+"""Makes one SSE payload from a delta and a finish reason, in the endpoint's shape."""
+
+
 def _stream(
     stream: GenerationStream,
-    record: Any,
-    chunk: Any,
+    record: Callable[[Completion], int],
+    chunk: Chunk,
 ) -> StreamingResponse:
     """Server-sent events: text deltas, a last chunk with finish_reason, usage and
     generation_id, then `[DONE]`. A client that goes away cancels the generation."""
@@ -156,7 +162,7 @@ def _recorder(
     data: dict[str, Any],
     prompt: str,
     body: ChatCompletionRequest | CompletionRequest,
-) -> Any:
+) -> Callable[[Completion], int]:
     """Records the answer in its own session (a stream outlives the request's session)."""
     key_id = key.id
 
@@ -171,6 +177,37 @@ def _recorder(
     return record
 
 
+@dataclass(frozen=True)
+class _Started:
+    """A queued OpenAI request: its stream, how to record it, and the fields every reply has."""
+
+    stream: GenerationStream
+    record: Callable[[Completion], int]
+    created: int
+    model: str
+
+
+def _start(
+    task: Task,
+    body: ChatCompletionRequest | CompletionRequest,
+    key: ApiKey,
+    session: Session,
+    engine: Engine,
+    settings: Settings,
+    follower: VersionFollower,
+    request: Request,
+) -> _Started:
+    """Queue the request on the version `model` names and release the database connection."""
+    data = body.task_input()
+    stream, prompt = generations.start_generation(
+        engine, task=task, data=data, params=body.sampling(),
+        max_chars=settings.max_prompt_chars, version_lease=_lease(body, key, session, follower),
+    )  # fmt: skip
+    generations.release_connection(session)  # a stream can outlive the pool's patience
+    record = _recorder(request.app.state.sessionmaker, key, task, data, prompt, body)
+    return _Started(stream, record, int(time.time()), stream.version.name)
+
+
 @router.post("/chat/completions", response_model=ChatCompletion)
 def chat_completions(
     body: ChatCompletionRequest,
@@ -182,30 +219,22 @@ def chat_completions(
     request: Request,
 ) -> Any:
     """OpenAI's chat completions: the conversation through the model's chat template."""
-    data = body.task_input()
-    stream, prompt = generations.start_generation(
-        engine, task=Task.chat, data=data, params=body.sampling(),
-        max_chars=settings.max_prompt_chars, version_lease=_lease(body, key, session, follower),
-    )  # fmt: skip
-    generations.release_connection(session)  # a stream can outlive the pool's patience
-    record = _recorder(request.app.state.sessionmaker, key, Task.chat, data, prompt, body)
-    created = int(time.time())
-    model = stream.version.name
+    run = _start(Task.chat, body, key, session, engine, settings, follower, request)
     if body.stream:
         chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
 
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
             return {
-                "id": chunk_id, "object": "chat.completion.chunk", "created": created,
-                "model": model,
+                "id": chunk_id, "object": "chat.completion.chunk", "created": run.created,
+                "model": run.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }  # fmt: skip
 
-        return _stream(stream, record, chunk)
-    completion = stream.result()
-    row_id = record(completion)
+        return _stream(run.stream, run.record, chunk)
+    completion = run.stream.result()
+    row_id = run.record(completion)
     return ChatCompletion(
-        id=f"chatcmpl-{row_id}", created=created, model=model, generation_id=row_id,
+        id=f"chatcmpl-{row_id}", created=run.created, model=run.model, generation_id=row_id,
         choices=[ChatChoice(
             message=ChatChoiceMessage(content=completion.text),
             finish_reason=completion.finish_reason,
@@ -225,32 +254,25 @@ def completions(
     request: Request,
 ) -> Any:
     """OpenAI's (legacy) completions: the prompt goes to the model as is."""
-    data = body.task_input()
-    stream, prompt = generations.start_generation(
-        engine, task=Task.completion, data=data, params=body.sampling(),
-        max_chars=settings.max_prompt_chars, version_lease=_lease(body, key, session, follower),
-    )  # fmt: skip
-    generations.release_connection(session)  # a stream can outlive the pool's patience
-    record = _recorder(request.app.state.sessionmaker, key, Task.completion, data, prompt, body)
-    created = int(time.time())
-    model = stream.version.name
+    run = _start(Task.completion, body, key, session, engine, settings, follower, request)
     if body.stream:
         chunk_id = f"cmpl-{uuid.uuid4().hex}"
 
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
             return {
-                "id": chunk_id, "object": "text_completion", "created": created, "model": model,
+                "id": chunk_id, "object": "text_completion", "created": run.created,
+                "model": run.model,
                 "choices": [{
                     "index": 0, "text": delta.get("content", ""), "finish_reason": finish,
                     "logprobs": None,
                 }],
             }  # fmt: skip
 
-        return _stream(stream, record, chunk)
-    completion = stream.result()
-    row_id = record(completion)
+        return _stream(run.stream, run.record, chunk)
+    completion = run.stream.result()
+    row_id = run.record(completion)
     return TextCompletion(
-        id=f"cmpl-{row_id}", created=created, model=model, generation_id=row_id,
+        id=f"cmpl-{row_id}", created=run.created, model=run.model, generation_id=row_id,
         choices=[CompletionChoice(text=completion.text, finish_reason=completion.finish_reason)],
         usage=_usage(completion),
     )  # fmt: skip

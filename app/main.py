@@ -15,7 +15,7 @@ from app.api import feedback, generation, health, keys, models, openai, stats, t
 from app.config import Settings, load_settings
 from app.db import make_engine, make_sessionmaker
 from app.migrate import is_current
-from app.ml.engine import Engine
+from app.ml.engine import Engine, EngineStopped
 from app.ml.registry import ModelRegistry, NoModelLoaded
 from app.services.errors import (
     Busy,
@@ -103,8 +103,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(status.HTTP_400_BAD_REQUEST, exc.message)
 
     @app.exception_handler(NoModelLoaded)
-    async def no_model(_: Request, exc: NoModelLoaded) -> JSONResponse:
-        return _error(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc))
+    @app.exception_handler(EngineStopped)
+    async def no_model(_: Request, exc: Exception) -> JSONResponse:
+        response = _error(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc))
+        response.headers["Retry-After"] = "5"
+        return response
 
     @app.exception_handler(OperationalError)
     async def database_down(_: Request, exc: OperationalError) -> JSONResponse:

@@ -198,7 +198,8 @@ class Engine:
             self._thread.start()
 
     def stop(self) -> None:
-        """Finish the running request, fail the waiting ones, and stop the loop."""
+        """Stop the loop after its current step; waiting and running requests fail with
+        EngineStopped (their clients get a 503)."""
         self._stopping.set()
         while True:
             try:
@@ -269,7 +270,7 @@ class Engine:
         self, prompt: str, params: SamplingParams, version: ServingVersion | None = None
     ) -> Completion:
         """Generate one answer to a rendered prompt and wait for it (tests, benchmarks, gate)."""
-        lease = _fixed(version) if version is not None else None
+        lease = _Held(version) if version is not None else None
         stream, _ = self.submit(lambda _: prompt, params, lease)
         self.start()
         return stream.result()
@@ -325,7 +326,7 @@ def _nothing(stream: GenerationStream) -> Completion:
     )  # fmt: skip
 
 
-class _fixed(AbstractContextManager[ServingVersion]):
+class _Held(AbstractContextManager[ServingVersion]):
     """A lease on a version the caller already holds."""
 
     def __init__(self, version: ServingVersion) -> None:

@@ -20,13 +20,15 @@ from app.ml.loading import load_model
 from app.ml.lora import ADAPTER_WEIGHTS, merge_lora
 from app.ml.registry import ModelRegistry, ServingVersion
 from app.models import ModelVersion, VersionKind, VersionStatus
-from app.services.serving import load_adapter_version
+from app.services.serving import adapter_dtype, load_adapter_version
 from app.services.versions import activate, get_by_name, next_name
 
 GREEDY = {"prompt": "Tell me about the sea.", "max_new_tokens": 12, "temperature": 0}
 
 
-def publish_adapter(sessions: Any, settings: Settings, seed: int, use_dora: bool = False) -> str:
+def publish_adapter(
+    sessions: Any, settings: Settings, seed: int, use_dora: bool = False, scale: float = 1.0
+) -> str:
     """A candidate version with random, non-zero LoRA weights, as a round would write it."""
     torch.manual_seed(seed)
     from transformers import AutoModelForCausalLM
@@ -37,6 +39,11 @@ def publish_adapter(sessions: Any, settings: Settings, seed: int, use_dora: bool
         init_lora_weights=False, use_dora=use_dora,
     )  # fmt: skip
     adapter = get_peft_model(model, config)
+    if scale != 1.0:
+        with torch.no_grad():
+            for name, parameter in adapter.named_parameters():
+                if "lora_" in name:
+                    parameter.mul_(scale)
     with sessions() as session:
         name = next_name(session)
         parent = session.query(ModelVersion).filter_by(kind=VersionKind.base).one()
@@ -81,8 +88,9 @@ def registry(client: TestClient) -> ModelRegistry:
 
 
 def peft_merged(base: torch.nn.Module, path: str) -> dict[str, torch.Tensor]:
-    """What PEFT itself makes of an adapter on a fresh copy of `base`."""
-    return weights(PeftModel.from_pretrained(copy.deepcopy(base), path).merge_and_unload())
+    """What PEFT itself makes of an adapter on a fresh copy of `base`, in the serving dtype."""
+    fresh = copy.deepcopy(base).to(adapter_dtype(next(base.parameters()).dtype))
+    return weights(PeftModel.from_pretrained(fresh, path).merge_and_unload())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -101,10 +109,26 @@ def test_a_recycled_buffer_holds_exactly_what_peft_merges(
     second = load_adapter_version(rows[1], base, spare=first.model)
 
     assert second.model is first.model  # recycled, not allocated
+    assert second.model.dtype == torch.float32  # a bfloat16 base serves adapters in float32
     assert same(weights(second.model), expected[1])
     assert not same(expected[0], expected[1])
     assert same(weights(model), base_before)
     assert same(weights(load_adapter_version(rows[0], base, spare=second.model).model), expected[0])
+
+
+def test_a_small_update_survives_on_a_bfloat16_base(
+    sessions: Any, settings: Settings, client: TestClient
+) -> None:
+    """Served in float32, every adapted weight moves; merged into bfloat16, most would not."""
+    model, tokenizer = load_model(Path(settings.model), torch.bfloat16)
+    base = ServingVersion(1, "v0", model, tokenizer)
+    with sessions() as session:
+        row = get_by_name(session, publish_adapter(sessions, settings, 9, scale=1e-3))
+    served = load_adapter_version(row, base).model.model.layers[0].self_attn.q_proj.weight
+    original = model.model.layers[0].self_attn.q_proj.weight.float()
+    moved = (served != original).float().mean().item()
+    in_bf16 = served.to(torch.bfloat16) != model.model.layers[0].self_attn.q_proj.weight
+    assert moved > 0.9 and in_bf16.float().mean().item() < 0.5 * moved
 
 
 def test_adapters_beyond_plain_lora_are_merged_by_peft(

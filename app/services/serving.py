@@ -71,7 +71,7 @@ def load_adapter_version(
     from app.ml.lora import merge_lora
 
     verify_checkpoint(Path(row.path))
-    model = _copy_of(base.model, spare)
+    model = _copy_of(base.model, spare, adapter_dtype(base.model.dtype))
     if not merge_lora(model, Path(row.path)):
         model = PeftModel.from_pretrained(model, row.path).merge_and_unload()
     model.eval()
@@ -103,18 +103,36 @@ def in_short_thread(work: Callable[[], T]) -> T:
     return outcome[0]
 
 
-def _copy_of(model: PreTrainedModel, spare: PreTrainedModel | None) -> PreTrainedModel:
-    """The base weights in `spare` if it has the same layout, else in a new copy."""
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype adapter versions are served in: float32 when the base serves in half precision.
+
+    A round's LoRA update is mostly below bfloat16's resolution: merged into bfloat16 weights,
+    only 3% of them changed at all (measured). Merged in float32 the whole update is kept; the
+    cost is float32 speed for adapter versions (at batch 16 on an AMX CPU, 172 against 270
+    tok/s for bfloat16).
+    """
+    return torch.float32 if base_dtype in (torch.bfloat16, torch.float16) else base_dtype
+
+
+def _as(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """`model` with its weights in `dtype` (in place when they already are)."""
+    torch.nn.Module.to(model, dtype)  # transformers' typing of `.to` rejects a dtype
+    return model
+
+
+def _copy_of(
+    model: PreTrainedModel, spare: PreTrainedModel | None, dtype: torch.dtype
+) -> PreTrainedModel:
+    """The base weights, as `dtype`, in `spare` if it has that layout, else in a new copy."""
     if spare is not None:
         source, target = model.state_dict(), spare.state_dict()
         if source.keys() == target.keys() and all(
-            source[k].shape == target[k].shape and source[k].dtype == target[k].dtype
-            for k in source
+            source[k].shape == target[k].shape and target[k].dtype == dtype for k in source
         ):
             with torch.no_grad():  # one call: no per-tensor trips through the interpreter
                 torch._foreach_copy_(list(target.values()), list(source.values()))
             return spare
-    return copy.deepcopy(model)
+    return _as(copy.deepcopy(model), dtype)
 
 
 class VersionFollower:
@@ -242,8 +260,11 @@ class VersionFollower:
         if not self.settings.swap_preallocate:
             return
         wanted = 2 if self.registry.active is self.base else 1
+        dtype = adapter_dtype(self.base.model.dtype)
         for _ in range(wanted - self.registry.idle_models()):
-            self.registry.add_spare(in_short_thread(lambda: copy.deepcopy(self.base.model)))
+            self.registry.add_spare(
+                in_short_thread(lambda: _as(copy.deepcopy(self.base.model), dtype))
+            )
 
     def _refuse(self, session: Session, row: ModelVersion, reason: str) -> None:
         """Mark a version that cannot be loaded as refused and put back what this process serves."""

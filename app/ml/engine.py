@@ -269,7 +269,7 @@ class Engine:
     def generate(
         self, prompt: str, params: SamplingParams, version: ServingVersion | None = None
     ) -> Completion:
-        """Generate one answer to a rendered prompt and wait for it (tests, benchmarks, gate)."""
+        """Generate one answer to a rendered prompt and wait for it (tests and benchmarks)."""
         lease = _Held(version) if version is not None else None
         stream, _ = self.submit(lambda _: prompt, params, lease)
         self.start()

@@ -10,7 +10,6 @@ whatever else runs beside it.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,30 @@ if TYPE_CHECKING:
     from app.ml.registry import ServingVersion
 
 REPLACEMENT = "\ufffd"  # what a token ending inside a multi-byte character decodes to
+
+
+class StopAwareText:
+    """Accumulates decoded text, holding back what could still turn into a stop string."""
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stop = stop
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+        self._hold = max((len(s) for s in stop), default=1) - 1
+
+    def add(self, piece: str, final: bool) -> str:
+        """Add decoded text; return what can be sent now."""
+        if self.stopped:
+            return ""
+        self.text += piece
+        cut = min((i for s in self.stop if (i := self.text.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+            final = True
+        ready = len(self.text) if final else max(self.sent, len(self.text) - self._hold)
+        delta, self.sent = self.text[self.sent : ready], ready
+        return delta
 
 
 @dataclass(eq=False)
@@ -37,9 +60,7 @@ class Row:
     finish: str | None = None
 
     def __post_init__(self) -> None:
-        from app.ml.engine import _StopAwareText
-
-        self.text = _StopAwareText(self.stream.params.stop)
+        self.text = StopAwareText(self.stream.params.stop)
 
 
 CANDIDATES = 256
@@ -101,8 +122,8 @@ class Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def admit(self, stream: GenerationStream) -> list[Completion | None]:
-        """Prefill a request and add it to the batch; returns nothing to finish yet (see step)."""
+    def admit(self, stream: GenerationStream) -> None:
+        """Prefill a request and add it to the batch (a request done at once leaves in `step`)."""
         seed = stream.params.seed
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         row = Row(stream, generator)
@@ -129,7 +150,6 @@ class Batch:
         self.rows.append(row)
         self.next_tokens.append(first)
         self._accept(row, first)
-        return []
 
     def step(self) -> list[tuple[Row, Completion]]:
         """Decode one token for every row that is still going; returns the rows that finished."""
@@ -179,20 +199,14 @@ class Batch:
 
     def _collect(self) -> list[tuple[Row, Completion]]:
         """Take finished rows out of the batch, with their completions."""
-        from app.ml.engine import Completion
-
         finished = [row for row in self.rows if row.finish is not None]
         if not finished:
             return []
         keep = [i for i, row in enumerate(self.rows) if row.finish is None]
         done = []
         for row in finished:
-            done.append((row, Completion(
-                text=row.text.text, prompt_tokens=row.stream.prompt_tokens,
-                completion_tokens=len(row.tokens), finish_reason=str(row.finish),
-                version=self.version,
-                latency_ms=round((time.perf_counter() - row.stream._submitted) * 1000),
-            )))  # fmt: skip
+            completion = row.stream.completion(row.text.text, len(row.tokens), str(row.finish))
+            done.append((row, completion))
         self.rows = [self.rows[i] for i in keep]
         self.next_tokens = [self.next_tokens[i] for i in keep]
         if not self.rows:

@@ -147,35 +147,19 @@ class GenerationStream:
         assert self._completion is not None
         return self._completion
 
+    def completion(self, text: str, completion_tokens: int, finish_reason: str) -> Completion:
+        """What this request produced, timed from its submission."""
+        return Completion(
+            text=text, prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
+            finish_reason=finish_reason, version=self.version,
+            latency_ms=round((time.perf_counter() - self._submitted) * 1000),
+        )  # fmt: skip
+
     def _finish(self, completion: Completion | None, error: BaseException | None = None) -> None:
         self._completion, self._error = completion, error
         self._lease.close()  # the version may be recycled from here on
         self._put(None)
         self._done.set()
-
-
-class _StopAwareText:
-    """Accumulates decoded text, holding back what could still turn into a stop string."""
-
-    def __init__(self, stop: tuple[str, ...]) -> None:
-        self.stop = stop
-        self.text = ""
-        self.sent = 0
-        self.stopped = False
-        self._hold = max((len(s) for s in stop), default=1) - 1
-
-    def add(self, piece: str, final: bool) -> str:
-        """Add decoded text; return what can be sent now."""
-        if self.stopped:
-            return ""
-        self.text += piece
-        cut = min((i for s in self.stop if (i := self.text.find(s)) >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = self.text[:cut], True
-            final = True
-        ready = len(self.text) if final else max(self.sent, len(self.text) - self._hold)
-        delta, self.sent = self.text[self.sent : ready], ready
-        return delta
 
 
 class Engine:
@@ -296,7 +280,7 @@ class Engine:
                 pass
             for stream in arrivals:
                 if stream.cancelled:
-                    stream._finish(_nothing(stream))
+                    stream._finish(stream.completion("", 0, "cancelled"))
                     continue
                 batch = batches.setdefault(stream.version, Batch(stream.version))
                 try:
@@ -315,15 +299,6 @@ class Engine:
                     del batches[version]
         for batch in batches.values():
             batch.fail(EngineStopped("the service is shutting down"))
-
-
-def _nothing(stream: GenerationStream) -> Completion:
-    """The completion of a request cancelled before it started."""
-    return Completion(
-        text="", prompt_tokens=stream.prompt_tokens, completion_tokens=0,
-        finish_reason="cancelled", version=stream.version,
-        latency_ms=round((time.perf_counter() - stream._submitted) * 1000),
-    )  # fmt: skip
 
 
 class _Held(AbstractContextManager[ServingVersion]):

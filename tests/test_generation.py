@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -203,3 +204,57 @@ def test_list_rejects_bad_query(
     response = client.get("/v1/generations", params=params, headers=user)
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["query", next(iter(params))]
+
+
+def sse_events(lines: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(event, data) pairs of a server-sent event stream."""
+    events, name = [], "message"
+    for line in lines:
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[6:])))
+            name = "message"
+    return events
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/generate", {"prompt": "Count to ten."}),
+        ("/v1/translate", {"text": "Good morning", "target_lang": "fr"}),
+        ("/v1/qa", {"question": "Who wrote it?", "context": "Hugo wrote it."}),
+    ],
+)
+def test_native_endpoints_stream_the_answer_and_end_with_the_record(
+    client: TestClient, user: dict[str, str], sessions: Any, path: str, body: dict[str, Any]
+) -> None:
+    """`stream: true`: the deltas add up to the answer; `done` is the non-streamed response."""
+    request = {**body, "stream": True, "max_new_tokens": 24, "temperature": 0}
+    with client.stream("POST", path, json=request, headers=user) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response.iter_lines())
+    kinds = [name for name, _ in events]
+    assert kinds[-1] == "done" and set(kinds[:-1]) == {"delta"} and len(kinds) > 2
+    done = events[-1][1]
+    assert "".join(data["text"] for _, data in events[:-1]) == done["output"]
+    with sessions() as session:
+        stored = session.get(Generation, done["id"])
+        assert stored is not None and stored.output == done["output"]
+    # The same request unstreamed gives the same object (greedy), apart from id and timing.
+    plain = client.post(path, json={**request, "stream": False}, headers=user).json()
+    for field in ("output", "task", "input", "usage", "finish_reason", "model_version", "params"):
+        assert plain[field] == done[field], field
+    assert count_generations(sessions) == 2
+
+
+def test_a_bad_streamed_request_gets_the_usual_error_not_a_stream(
+    client: TestClient, user: dict[str, str], sessions: Any
+) -> None:
+    """Validation happens before the stream starts: a 422 with the field, nothing recorded."""
+    request = {"text": "Hello", "target_lang": "zz", "stream": True}
+    response = client.post("/v1/translate", json=request, headers=user)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"][-1] == "target_lang"
+    assert count_generations(sessions) == 0

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, Request, status
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
+from app.api.streaming import event_stream, sse
 from app.config import Settings
-from app.deps import CurrentKey, EngineDep, FollowerDep, SessionDep, SettingsDep
-from app.ml.engine import Engine
+from app.deps import (
+    RATE_LIMITED,
+    CurrentKey,
+    EngineDep,
+    FollowerDep,
+    GenerationLimit,
+    SessionDep,
+    SettingsDep,
+)
+from app.ml.engine import Completion, Engine
 from app.models import ApiKey, Role, Task
 from app.schemas.generation import (
     GenerateRequest,
@@ -29,6 +40,14 @@ router = APIRouter(prefix="/v1", tags=["generation"])
 MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns; a larger one is a 422, not a database error
 
 
+STREAM_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"text/event-stream": {"example": 'event: delta\ndata: {"text": "Hel"}\n\n'}},
+        "description": "The answer; with `stream: true`, server-sent events (see `stream`).",
+    }
+}
+
+
 def _answer(
     task: Task,
     body: GenerateRequest | TranslateRequest | QARequest,
@@ -37,8 +56,10 @@ def _answer(
     engine: Engine,
     settings: Settings,
     follower: VersionFollower,
-) -> tuple[GenerationPublic, dict[str, Any]]:
-    """Generate and record; the response fields and the task's input fields."""
+    request: Request,
+    respond: Callable[[GenerationPublic, dict[str, Any]], BaseModel],
+) -> Any:
+    """Generate and record; the response `respond` makes, or its events when streaming."""
     lease = None
     if body.model_version is not None:
         if key.role is not Role.admin:
@@ -47,14 +68,42 @@ def _answer(
                 "choosing model_version needs an admin key; leave it out to use the active version",
             )
         lease = follower.lease_by_name(session, body.model_version)
-    row = generations.create_generation(
-        session, engine, api_key_id=key.id, task=task, data=body.task_input(),
-        params=body.sampling(), max_chars=settings.max_prompt_chars, version_lease=lease,
+    data, params, key_id = body.task_input(), body.sampling(), key.id
+    if not body.stream:
+        row = generations.create_generation(
+            session, engine, api_key_id=key_id, task=task, data=data, params=params,
+            max_chars=settings.max_prompt_chars, version_lease=lease,
+        )  # fmt: skip
+        return respond(GenerationPublic.of(row), row.input)
+    stream, prompt = generations.start_generation(
+        engine, task=task, data=data, params=params, max_chars=settings.max_prompt_chars,
+        version_lease=lease,
     )  # fmt: skip
-    return GenerationPublic.of(row), row.input
+    generations.release_connection(session)  # a stream can outlive the pool's patience
+    sessions = request.app.state.sessionmaker
+
+    def record(completion: Completion) -> dict[str, Any]:
+        with sessions() as own:  # the request's session may be gone by the last token
+            row = generations.record_generation(
+                own, api_key_id=key_id, task=task, data=data, prompt=prompt, params=params,
+                completion=completion,
+            )  # fmt: skip
+            return respond(GenerationPublic.of(row), row.input).model_dump(mode="json")
+
+    return event_stream(
+        stream, record,
+        delta=lambda text: sse({"text": text}, "delta"),
+        done=lambda _, answer: [sse(answer, "done")],
+        error=lambda message: sse({"detail": message}, "error"),
+    )  # fmt: skip
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={**STREAM_DOC, **RATE_LIMITED},
+    dependencies=[GenerationLimit],
+)
 def generate(
     body: GenerateRequest,
     key: CurrentKey,
@@ -62,13 +111,21 @@ def generate(
     engine: EngineDep,
     settings: SettingsDep,
     follower: FollowerDep,
-) -> GenerateResponse:
+    request: Request,
+) -> Any:
     """Answer a prompt, and record the generation."""
-    public, fields = _answer(Task.generate, body, key, session, engine, settings, follower)
-    return GenerateResponse(**public.model_dump(), **fields)
+    return _answer(
+        Task.generate, body, key, session, engine, settings, follower, request,
+        lambda public, fields: GenerateResponse(**public.model_dump(), **fields),
+    )  # fmt: skip
 
 
-@router.post("/translate", response_model=TranslateResponse)
+@router.post(
+    "/translate",
+    response_model=TranslateResponse,
+    responses={**STREAM_DOC, **RATE_LIMITED},
+    dependencies=[GenerationLimit],
+)
 def translate(
     body: TranslateRequest,
     key: CurrentKey,
@@ -76,13 +133,21 @@ def translate(
     engine: EngineDep,
     settings: SettingsDep,
     follower: FollowerDep,
-) -> TranslateResponse:
+    request: Request,
+) -> Any:
     """Translate a text into `target_lang`, and record the generation."""
-    public, fields = _answer(Task.translate, body, key, session, engine, settings, follower)
-    return TranslateResponse(**public.model_dump(), **fields)
+    return _answer(
+        Task.translate, body, key, session, engine, settings, follower, request,
+        lambda public, fields: TranslateResponse(**public.model_dump(), **fields),
+    )  # fmt: skip
 
 
-@router.post("/qa", response_model=QAResponse)
+@router.post(
+    "/qa",
+    response_model=QAResponse,
+    responses={**STREAM_DOC, **RATE_LIMITED},
+    dependencies=[GenerationLimit],
+)
 def qa(
     body: QARequest,
     key: CurrentKey,
@@ -90,10 +155,13 @@ def qa(
     engine: EngineDep,
     settings: SettingsDep,
     follower: FollowerDep,
-) -> QAResponse:
+    request: Request,
+) -> Any:
     """Answer a question, from `context` when given, and record the generation."""
-    public, fields = _answer(Task.qa, body, key, session, engine, settings, follower)
-    return QAResponse(**public.model_dump(), **fields)
+    return _answer(
+        Task.qa, body, key, session, engine, settings, follower, request,
+        lambda public, fields: QAResponse(**public.model_dump(), **fields),
+    )  # fmt: skip
 
 
 @router.get("/generations", response_model=GenerationPage)

@@ -7,20 +7,19 @@ the last chunk when streaming) is what to rate.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.streaming import event_stream, sse
 from app.config import Settings
 from app.deps import CurrentKey, EngineDep, FollowerDep, SessionDep, SettingsDep
 from app.ml.engine import Completion, Engine, GenerationStream
@@ -115,11 +114,6 @@ def _usage(completion: Completion) -> Usage:
     )
 
 
-def _sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
-
-
 Chunk = Callable[[dict[str, Any], str | None], dict[str, Any]]
 """Makes one SSE payload from a delta and a finish reason, in the endpoint's shape."""
 
@@ -129,30 +123,21 @@ def _stream(
     record: Callable[[Completion], int],
     chunk: Chunk,
 ) -> StreamingResponse:
-    """Server-sent events: text deltas, a last chunk with finish_reason, usage and
-    generation_id, then `[DONE]`. A client that goes away cancels the generation."""
+    """OpenAI's events: text deltas, a last chunk with finish_reason, usage and
+    generation_id, then `[DONE]`; a failure mid-stream sends OpenAI's error object."""
 
-    async def events() -> AsyncIterator[str]:
-        finished = False
-        try:
-            yield _sse(chunk({"role": "assistant", "content": ""}, None))
-            async for delta in stream.deltas():
-                yield _sse(chunk({"content": delta}, None))
-            completion = stream.result()
-            row_id = await anyio.to_thread.run_sync(record, completion)
-            finished = True
-            last = chunk({}, completion.finish_reason)
-            yield _sse({**last, "usage": _usage(completion).model_dump(), "generation_id": row_id})
-            yield _sse("[DONE]")
-        finally:
-            if not finished:
-                stream.cancel()
-                # Recorded once the loop lets go of it, so even a cancelled answer is kept.
-                threading.Thread(target=lambda: record(stream.result()), daemon=True).start()
+    def done(completion: Completion, row_id: int) -> list[str]:
+        last = chunk({}, completion.finish_reason)
+        usage = _usage(completion).model_dump()
+        return [sse({**last, "usage": usage, "generation_id": row_id}), sse("[DONE]")]
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+    return event_stream(
+        stream, record,
+        opening=[sse(chunk({"role": "assistant", "content": ""}, None))],
+        delta=lambda text: sse(chunk({"content": text}, None)),
+        done=done,
+        error=lambda message: sse({"error": {"message": message, "type": "server_error"}}),
+    )  # fmt: skip
 
 
 def _recorder(

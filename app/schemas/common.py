@@ -38,6 +38,14 @@ class SamplingFields(StrictModel):
             "for side-by-side comparisons).",
         ),
     ] = None  # fmt: skip
+    stream: Annotated[
+        bool,
+        Field(
+            description="Send the answer as server-sent events: `delta` events with `text` as it "
+            "is generated, then one `done` event holding the same object a non-streamed request "
+            "answers (with the generation `id` to rate), or an `error` event.",
+        ),
+    ] = False
 
     def sampling(self) -> SamplingParams:
         """The engine's view of these options."""

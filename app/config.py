@@ -43,6 +43,17 @@ class Settings(BaseSettings):
     """Most ratings one rater contributes to a round (their newest)."""
     training_holdout_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
     """Newest share of a round's ratings kept back for the promotion gate."""
+    training_max_rater_share: Annotated[float, Field(ge=0.5, le=1)] = 0.5
+    """Largest share of a round one rater may hold when others rated too, their newest kept
+    (0.5: no more than all the others together; 1 turns the cap off)."""
+    training_consensus_min_others: Annotated[int, Field(ge=2)] = 2
+    """Other raters an item needs before it tests a rater against their majority (2 or more, so
+    that no single key can outvote an honest rater)."""
+    training_consensus_min_items: Annotated[int, Field(ge=1)] = 5
+    """Such tested items a rater needs before the consensus rule may leave them out."""
+    training_consensus_max_disagreement: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """Share of their tested items a rater may vote against the others' majority on; above it the
+    round leaves all their ratings out (1 turns the rule off)."""
     training_stale_after: Annotated[float, Field(gt=0)] = 600
     """A running round with no heartbeat for this many seconds is declared lost."""
     max_batch_size: Annotated[int, Field(ge=1, le=256)] = 32

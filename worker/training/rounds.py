@@ -64,9 +64,7 @@ def _run(session: Session, settings: Settings, run: TrainingRun) -> RunStatus:
     gate_config = GateConfig(**run.config.get("gate", {}))
     run.config = {"train": train_config.to_dict(), "gate": gate_config.to_dict()}
     _remove_orphans(session, settings.versions_dir)
-    data = build_round_data(
-        session, settings.training_max_per_rater, settings.training_holdout_fraction
-    )
+    data = build_round_data(session, settings)
     run.counts = data.counts()
     session.commit()
     if data.train_size < settings.training_min_items:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
+from limits import parse_many
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -66,11 +67,31 @@ class Settings(BaseSettings):
     """Keep spare copies of the weights allocated, so that a swap writes into memory already
     mapped instead of allocating it (about 1 s more on this machine). Each API process then
     holds three copies of the weights: the base, the active version and one spare."""
+    rate_limit_generation: str | None = "120/minute"
+    """Generation requests per API key (generate, translate, qa, completions), as `120/minute` or
+    `10/second;1000/hour`; `none` or empty turns it off. Beyond it, a 429 with Retry-After."""
+    rate_limit_feedback: str | None = "600/minute"
+    """Ratings and comparisons per API key, in the same notation as RATE_LIMIT_GENERATION."""
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    """Largest accepted request body in bytes; a larger one gets a 413."""
 
     @field_validator("database_url", "redis_url", "admin_api_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("rate_limit_generation", "rate_limit_feedback")
+    @classmethod
+    def _rate_limit(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() in ("", "none"):
+            return None
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ValueError(
+                "must be like '120/minute' or '10/second;1000/hour', or 'none' for no limit"
+            ) from None
+        return value
 
     @field_validator("database_url")
     @classmethod

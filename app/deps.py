@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -13,6 +13,7 @@ from app.config import Settings
 from app.ml.engine import Engine
 from app.models import ApiKey, Role
 from app.services import keys
+from app.services.ratelimit import RateLimits
 from app.services.serving import VersionFollower
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
@@ -80,3 +81,34 @@ def admin_key(key: CurrentKey) -> ApiKey:
 
 
 AdminKey = Annotated[ApiKey, Depends(admin_key)]
+
+
+def _count(request: Request, kind: str, key: ApiKey) -> None:
+    limits: RateLimits = request.app.state.rate_limits
+    refusal = limits.hit(kind, key.key_hash)
+    if refusal is not None:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            refusal.message,
+            headers={"Retry-After": str(refusal.retry_after)},
+        )
+
+
+def generation_limit(key: CurrentKey, request: Request) -> None:
+    """Count a generation against the caller's rate limit; 429 with Retry-After beyond it."""
+    _count(request, "generation", key)
+
+
+def feedback_limit(key: CurrentKey, request: Request) -> None:
+    """Count a rating or comparison against the caller's rate limit; 429 beyond it."""
+    _count(request, "feedback", key)
+
+
+GenerationLimit = Depends(generation_limit)
+FeedbackLimit = Depends(feedback_limit)
+RATE_LIMITED: dict[int | str, dict[str, Any]] = {
+    429: {
+        "description": "Too many requests: over the API key's rate limit, or the model's queue "
+        "is full. `detail` says which, `Retry-After` in how many seconds to retry."
+    }
+}

@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from app.api import feedback, generation, health, keys, models, openai, stats, training
 from app.config import Settings, load_settings
 from app.db import make_engine, make_sessionmaker
+from app.deps import RATE_LIMITED, GenerationLimit
 from app.migrate import is_current
 from app.ml.engine import Engine, EngineStopped
 from app.ml.registry import ModelRegistry, NoModelLoaded
@@ -26,8 +27,11 @@ from app.services.errors import (
     Unavailable,
 )
 from app.services.keys import ensure_bootstrap_admin
+from app.services.ratelimit import RateLimits
 from app.services.serving import VersionFollower, load_base_version
 from app.web import pages
+from app.web.idempotency import IdempotencyMiddleware
+from app.web.limits import BodyLimit
 
 log = logging.getLogger("app")
 
@@ -132,7 +136,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     _install_error_handlers(app)
     routers = (health, generation, openai, feedback, models, training, keys, stats)
-    for router in (module.router for module in routers):
-        app.include_router(router)
+    for module in routers:
+        if module is openai:  # both its routes generate
+            app.include_router(
+                module.router, dependencies=[GenerationLimit], responses=RATE_LIMITED
+            )
+        else:
+            app.include_router(module.router)
+    app.state.rate_limits = RateLimits.from_settings(settings)
+    app.add_middleware(IdempotencyMiddleware)
+    # Added last, so it wraps the idempotency middleware, which reads bodies too.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     pages.install(app)
     return app

@@ -9,7 +9,7 @@ from enum import StrEnum
 from fastapi import APIRouter, Response, status
 from sqlalchemy.orm import Session
 
-from app.deps import CurrentKey, SessionDep
+from app.deps import RATE_LIMITED, CurrentKey, FeedbackLimit, SessionDep
 from app.schemas.feedback import ComparisonCreate, ComparisonPublic, FeedbackCreate, FeedbackPublic
 from app.services import datasets
 from app.services.datasets import TrlRow
@@ -22,7 +22,11 @@ router = APIRouter(prefix="/v1", tags=["feedback"])
     "/feedback",
     status_code=status.HTTP_201_CREATED,
     response_model=FeedbackPublic,
-    responses={200: {"model": FeedbackPublic, "description": "Your earlier rating, updated."}},
+    responses={
+        200: {"model": FeedbackPublic, "description": "Your earlier rating, updated."},
+        **RATE_LIMITED,
+    },
+    dependencies=[FeedbackLimit],
 )
 def create_feedback(
     body: FeedbackCreate, key: CurrentKey, session: SessionDep, response: Response
@@ -39,7 +43,11 @@ def create_feedback(
     "/comparisons",
     status_code=status.HTTP_201_CREATED,
     response_model=ComparisonPublic,
-    responses={200: {"model": ComparisonPublic, "description": "Your earlier choice, updated."}},
+    responses={
+        200: {"model": ComparisonPublic, "description": "Your earlier choice, updated."},
+        **RATE_LIMITED,
+    },
+    dependencies=[FeedbackLimit],
 )
 def create_comparison(
     body: ComparisonCreate, key: CurrentKey, session: SessionDep, response: Response

@@ -3,6 +3,7 @@
 from app.models.api_key import ApiKey, Role
 from app.models.feedback import Comparison, Feedback, Thumbs, Winner
 from app.models.generation import Generation, Task
+from app.models.idempotency import IdempotencyRecord
 from app.models.model_version import ModelVersion, VersionKind, VersionStatus
 from app.models.training_run import RunStatus, TrainingRun
 
@@ -11,6 +12,7 @@ __all__ = [
     "Comparison",
     "Feedback",
     "Generation",
+    "IdempotencyRecord",
     "ModelVersion",
     "Role",
     "RunStatus",

@@ -4,12 +4,34 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.ml.engine import SamplingParams
 
 
-class StrictModel(BaseModel):
+def _holds_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(item) for item in value)
+    if isinstance(value, dict):
+        return any(_holds_nul(key) or _holds_nul(item) for key, item in value.items())
+    return False
+
+
+class InputModel(BaseModel):
+    """A request body whose text may hold any character but NUL."""
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        # PostgreSQL cannot store NUL in text; refusing it here gives a 422 instead of a 500.
+        if _holds_nul(value):
+            raise ValueError("must not contain the NUL character (\\u0000)")
+        return value
+
+
+class StrictModel(InputModel):
     """A request body: unknown fields are an error, so a typo never passes silently."""
 
     model_config = ConfigDict(extra="forbid")

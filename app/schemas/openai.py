@@ -12,9 +12,10 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.ml.engine import SamplingParams
+from app.schemas.common import InputModel
 
 
-class _OpenAIRequest(BaseModel):
+class _OpenAIRequest(InputModel):
     """Sampling fields shared by both endpoints, in OpenAI's names."""
 
     model_config = ConfigDict(extra="ignore")
@@ -58,7 +59,7 @@ class _OpenAIRequest(BaseModel):
     default_max_tokens: ClassVar[int] = 128
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(InputModel):
     """One turn of the conversation."""
 
     model_config = ConfigDict(extra="ignore")

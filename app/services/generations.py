@@ -162,6 +162,8 @@ def list_generations(
     before_id: int | None = None,
 ) -> tuple[list[Generation], int | None]:
     """Generations newest first, and the id to page on from (None on the last page)."""
+    if model_version is not None and "\x00" in model_version:
+        return [], None  # no version's name holds NUL, which PostgreSQL cannot compare
     query = select(Generation).order_by(Generation.id.desc()).limit(limit + 1)
     if task is not None:
         query = query.where(Generation.task == task)

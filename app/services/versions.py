@@ -58,6 +58,8 @@ def activate_by_name(session: Session, name: str, base_model: str) -> ModelVersi
 
 def get_by_name(session: Session, name: str) -> ModelVersion:
     """One version by name."""
+    if "\x00" in name:  # no name holds NUL, and PostgreSQL refuses to compare text that does
+        raise NotFound(f"model version {name!r} does not exist")
     version = session.scalar(select(ModelVersion).where(ModelVersion.name == name))
     if version is None:
         raise NotFound(f"model version {name!r} does not exist")

@@ -253,6 +253,15 @@ def test_a_created_key_is_replayed_but_never_stored_in_clear(
     assert plaintext.encode() not in json.dumps(stored.headers).encode()
 
 
+def test_admin_actions_are_replayed_too(client: TestClient, admin: Headers) -> None:
+    """Activating a version with a key twice answers the first activation again."""
+    headers = {**admin, "Idempotency-Key": "activate-v0"}
+    first = client.post("/v1/models/v0/activate", headers=headers)
+    again = client.post("/v1/models/v0/activate", headers=headers)
+    assert first.status_code == again.status_code == 200
+    assert again.content == first.content and again.headers["Idempotent-Replayed"] == "true"
+
+
 def test_the_same_key_for_another_request_is_refused(client: TestClient, admin: Headers) -> None:
     """A key names one request: another body under it is a 422 that says so."""
     headers = {**admin, "Idempotency-Key": "k"}

@@ -110,18 +110,15 @@ class IdempotencyMiddleware:
 
         try:
             await self.app(scope, receive, buffer)
-            response = _collect(messages)
-            if response is not None and 200 <= response.status_code < 300:
-                await _in_thread(lambda: store.complete(caller, record_id, response))
-            else:
-                await _in_thread(lambda: store.release(record_id))
         except BaseException:
             with anyio.CancelScope(shield=True):
-                try:
-                    await _in_thread(lambda: store.release(record_id))
-                except SQLAlchemyError:
-                    log.warning("could not release an idempotency record; it expires later")
+                await _quietly(lambda: store.release(record_id))
             raise
+        response = _collect(messages)
+        if response is not None and 200 <= response.status_code < 300:
+            await _quietly(lambda: store.complete(caller, record_id, response))
+        else:
+            await _quietly(lambda: store.release(record_id))
         for message in messages:
             await send(message)
 
@@ -133,6 +130,15 @@ class IdempotencyMiddleware:
 
 async def _in_thread(call: Callable[[], T]) -> T:
     return await anyio.to_thread.run_sync(call)
+
+
+async def _quietly(call: Callable[[], None]) -> None:
+    """Update a record after the work is done: the answer goes out even if the database has
+    gone; the record then waits out ABANDONED_AFTER before its key can run again."""
+    try:
+        await _in_thread(call)
+    except SQLAlchemyError as exc:
+        log.warning("could not update an Idempotency-Key record: %s", type(exc).__name__)
 
 
 async def _read_body(receive: Receive) -> bytes | None:

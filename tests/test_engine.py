@@ -6,10 +6,13 @@ import copy
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
+from app.ml.batching import CANDIDATES, _sample
 from app.ml.engine import Engine, GenerationStream, SamplingParams
 from app.ml.loading import load_model
 from app.ml.registry import ModelRegistry, ServingVersion
@@ -113,3 +116,44 @@ def test_a_full_queue_refuses_at_once(base: ServingVersion) -> None:
         submit(idle, "Hi", max_new_tokens=2)
     assert time.perf_counter() - started < 1
     idle.stop()
+
+
+def rows(*params: SamplingParams, seed: int | None = None) -> list[Any]:
+    """What `_sample` reads of a batch's rows: their parameters and generators."""
+    return [
+        SimpleNamespace(
+            stream=SimpleNamespace(params=p),
+            generator=None if seed is None else torch.Generator().manual_seed(seed),
+        )
+        for p in params
+    ]
+
+
+def test_sampling_keeps_to_the_nucleus() -> None:
+    """Only the smallest set of tokens reaching top_p is ever drawn, the last of it included."""
+    probs = torch.full((5000,), 0.05 / 4989)
+    probs[:10], probs[10] = 0.09, 0.05  # 0.90 in ten tokens, then 0.05; 0.95 reached at 11
+    logits = probs.log()[None, :]
+    drawn = [
+        _sample(logits, rows(SamplingParams(temperature=1.0, top_p=0.92), seed=i))[0]
+        for i in range(500)
+    ]
+    assert set(drawn) <= set(range(11)) and 10 in drawn
+
+
+def test_a_nucleus_wider_than_the_first_candidates_is_sampled_in_full() -> None:
+    """With a flat distribution the nucleus holds thousands of tokens, and any of them comes."""
+    logits = torch.zeros(1, 3000)
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    drawn = {_sample(logits, rows(params, seed=i))[0] for i in range(2000)}
+    assert len(drawn) > 2 * CANDIDATES
+
+
+def test_a_seeded_row_draws_the_same_tokens_beside_any_other_row() -> None:
+    """Each row draws from its own generator: neighbours never shift a seeded row's tokens."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1000) * 3
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    alone = [_sample(logits[1:], rows(params, seed=s))[0] for s in range(50)]
+    beside = [_sample(logits, [*rows(params), *rows(params, seed=s)])[1] for s in range(50)]
+    assert alone == beside and len(set(alone)) > 1

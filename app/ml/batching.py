@@ -64,7 +64,8 @@ class Row:
 
 
 CANDIDATES = 256
-"""Tokens sorted per row for top-p; a row whose nucleus is wider falls back to a full sort."""
+"""Tokens first sorted per row for top-p; rows whose nucleus is wider get 8 times more, and so
+on up to the whole vocabulary."""
 
 
 def _sample(logits: torch.Tensor, rows: list[Row]) -> list[int]:
@@ -78,18 +79,23 @@ def _sample(logits: torch.Tensor, rows: list[Row]) -> list[int]:
     top_p = torch.tensor([rows[i].stream.params.top_p for i in sampling])
     probs = torch.softmax(logits[index].float() / temperature[:, None], dim=-1)
     # Sorting the whole vocabulary for every row costs more than the rest of a step; the
-    # nucleus almost always lies in the most likely few hundred tokens, and when it does not
-    # the row is sorted in full, so the result is exactly top-p either way.
-    candidates, order = probs.topk(min(CANDIDATES, probs.shape[-1]), dim=-1)
-    for j, i in enumerate(sampling):
-        row_probs, row_order = candidates[j], order[j]
-        if float(row_probs.sum()) < float(top_p[j]):
-            row_probs, row_order = probs[j].sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the first token).
-        outside = row_probs.cumsum(dim=-1) - row_probs > top_p[j]
-        weights = row_probs.masked_fill(outside, 0.0)
-        choice = torch.multinomial(weights, 1, generator=rows[i].generator)
-        picked[i] = row_order[choice[0]]
+    # nucleus almost always lies in the most likely few hundred tokens. Widening until every
+    # row's candidates hold its top_p mass keeps the result exactly top-p.
+    vocab, k = probs.shape[-1], min(CANDIDATES, probs.shape[-1])
+    while True:
+        candidates, order = probs.topk(k, dim=-1)
+        if k == vocab or bool((candidates.sum(dim=-1) >= top_p).all()):
+            break
+        k = min(8 * k, vocab)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the first token).
+    outside = candidates.cumsum(dim=-1) - candidates > top_p[:, None]
+    cumulative = candidates.masked_fill(outside, 0.0).cumsum(dim=-1)
+    # One uniform draw per row from its own generator, so a seeded row's tokens do not depend
+    # on the rows beside it; the token is where the draw falls in the row's cumulative mass.
+    draws = torch.stack([torch.rand((), generator=rows[i].generator) for i in sampling])
+    threshold = (draws * cumulative[:, -1])[:, None]
+    choice = torch.searchsorted(cumulative, threshold, right=True).clamp(max=k - 1)
+    picked[index] = order.gather(1, choice).squeeze(1)
     return [int(t) for t in picked]
 
 

@@ -157,3 +157,13 @@ def test_a_seeded_row_draws_the_same_tokens_beside_any_other_row() -> None:
     alone = [_sample(logits[1:], rows(params, seed=s))[0] for s in range(50)]
     beside = [_sample(logits, [*rows(params), *rows(params, seed=s)])[1] for s in range(50)]
     assert alone == beside and len(set(alone)) > 1
+
+
+def test_the_packed_output_layer_gives_the_model_s_own_logits(base: ServingVersion) -> None:
+    """The decode step's logits through oneDNN's packed weight equal the model's lm_head."""
+    if base.head is None:
+        pytest.skip("oneDNN cannot pack this weight on this CPU; the model's forward is used")
+    hidden = torch.randn(5, base.model.config.hidden_size)
+    with torch.inference_mode():
+        expected = base.model.get_output_embeddings()(hidden)
+        assert torch.allclose(base.head(hidden), expected, atol=1e-4, rtol=1e-4)

@@ -134,14 +134,11 @@ class Batch:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         row = Row(stream, generator)
         cache = DynamicCache(config=self.version.model.config)
-        with torch.inference_mode():
-            out = self.version.model(
-                input_ids=stream.input_ids, cache=cache, use_cache=True, logits_to_keep=1
-            )
-        first = _sample(out.logits[:, -1, :], [row])[0]
+        logits, cache = self._forward(input_ids=stream.input_ids, cache=cache)
+        first = _sample(logits, [row])[0]
         prompt_mask = torch.ones_like(stream.input_ids)
         if self.cache is None:
-            self.cache, self.mask = out.cache, prompt_mask
+            self.cache, self.mask = cache, prompt_mask
         else:
             length = max(self.mask.shape[1], prompt_mask.shape[1])
             merged = [
@@ -149,7 +146,7 @@ class Batch:
                     torch.cat([_left_pad(k, length), _left_pad(k2, length)], dim=0),
                     torch.cat([_left_pad(v, length), _left_pad(v2, length)], dim=0),
                 )
-                for (k, v), (k2, v2) in zip(_layers(self.cache), _layers(out.cache), strict=True)
+                for (k, v), (k2, v2) in zip(_layers(self.cache), _layers(cache), strict=True)
             ]
             self.cache = DynamicCache(ddp_cache_data=merged)
             self.mask = torch.cat([_left_pad(self.mask, length), _left_pad(prompt_mask, length)])
@@ -166,16 +163,24 @@ class Batch:
         inputs = torch.tensor(self.next_tokens)[:, None]
         mask = torch.cat([self.mask, torch.ones_like(inputs)], dim=1)
         positions = self.mask.sum(dim=1, keepdim=True)
-        with torch.inference_mode():
-            out = self.version.model(
-                input_ids=inputs, attention_mask=mask, position_ids=positions,
-                cache=self.cache, use_cache=True,
-            )  # fmt: skip
-        self.cache, self.mask = out.cache, mask
-        self.next_tokens = _sample(out.logits[:, -1, :], self.rows)
+        logits, self.cache = self._forward(
+            input_ids=inputs, attention_mask=mask, position_ids=positions, cache=self.cache
+        )
+        self.mask = mask
+        self.next_tokens = _sample(logits, self.rows)
         for row, token in zip(self.rows, self.next_tokens, strict=True):
             self._accept(row, token)
         return done + self._collect()
+
+    def _forward(self, **inputs: object) -> tuple[torch.Tensor, DynamicCache]:
+        """Logits at each row's last position, and the updated cache."""
+        model, head = self.version.model, self.version.head
+        with torch.inference_mode():
+            if head is None:
+                out = model(**inputs, use_cache=True, logits_to_keep=1)
+                return out.logits[:, -1, :], out.cache
+            out = model.base_model(**inputs, use_cache=True)
+            return head(out.last_hidden_state[:, -1, :]), out.cache
 
     def fail(self, error: BaseException) -> None:
         """Finish every row with an error (a step raised); the batch is empty afterwards."""

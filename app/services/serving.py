@@ -54,8 +54,13 @@ def load_base_version(session: Session, settings: Settings) -> ServingVersion:
     """Register the configured base model as a version if needed, and load it."""
     path = base_model_dir(settings)
     base = base_of(session, ensure_base_version(session, settings.model, str(path)))
-    model, tokenizer = load_model(path, resolve_dtype(settings.model_dtype))
-    return ServingVersion(base.id, base.name, model, tokenizer)
+    dtype = resolve_dtype(settings.model_dtype)
+
+    def build() -> ServingVersion:
+        model, tokenizer = load_model(path, dtype)
+        return ServingVersion(base.id, base.name, model, tokenizer)
+
+    return in_short_thread(build)  # called on the event loop's thread, which lives on
 
 
 def load_adapter_version(
@@ -82,9 +87,13 @@ def in_short_thread(work: Callable[[], T]) -> T:
     """Run torch work in a thread that ends with it, and return its result (or raise).
 
     A long-lived thread that has run parallel torch operations keeps its own OpenMP worker
-    pool. Measured here: after the follower thread had copied the bf16 weights once, bf16
-    generation in the serving thread ran at 17 instead of 28 tok/s for as long as the
-    follower lived; the same copy in a thread that ended left it at 28.
+    pool, and while it lives the generation thread's matrix products run about as slowly as
+    on one core (GNU OpenMP throttles its threads once they outnumber the cores). Measured
+    here: a 16x576x1536 product took 0.60-0.92 ms in the generation thread when the main
+    thread had loaded the model, 0.39-0.44 ms when a short-lived thread had; a batch-16 step
+    of the default model, 190 against 110 ms. So nothing but the generation thread runs
+    parallel torch work for longer than one task: not the event loop's thread (which loads the
+    base), not the follower (which builds versions).
     """
     outcome: list[T] = []
     failure: list[BaseException] = []

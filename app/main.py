@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
@@ -71,6 +72,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         engine.start()
         app.state.engine = engine
+        # Sync routes run in AnyIO's thread pool (40 threads by default), and a generation holds
+        # its thread until the answer is complete. At most max_waiting + max_batch of them can
+        # be in the engine (beyond, 429), so this many more threads keep reads and ratings
+        # answering while every generation slot is taken.
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = settings.max_waiting_requests + settings.max_batch_size + 40
         app.state.follower = follower
         log.info("serving model version %s", registry.active.name)
         yield

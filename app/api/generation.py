@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from app.api.streaming import event_stream, sse
+from app.api.streaming import documented_stream, event_stream, sse
 from app.config import Settings
 from app.deps import (
     RATE_LIMITED,
@@ -40,12 +40,7 @@ router = APIRouter(prefix="/v1", tags=["generation"])
 MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns; a larger one is a 422, not a database error
 
 
-STREAM_DOC: dict[int | str, dict[str, Any]] = {
-    200: {
-        "content": {"text/event-stream": {"example": 'event: delta\ndata: {"text": "Hel"}\n\n'}},
-        "description": "The answer; with `stream: true`, server-sent events (see `stream`).",
-    }
-}
+STREAM_DOC = documented_stream('event: delta\ndata: {"text": "Hel"}\n\n')
 
 
 def _answer(

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.api.streaming import event_stream, sse
+from app.api.streaming import documented_stream, event_stream, sse
 from app.config import Settings
 from app.deps import CurrentKey, EngineDep, FollowerDep, SessionDep, SettingsDep
 from app.ml.engine import Completion, Engine, GenerationStream
@@ -86,6 +86,7 @@ def _with_openai_error(response: Response) -> Response:
 
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIErrorRoute)
+STREAM_DOC = documented_stream('data: {"object": "chat.completion.chunk", ...}\n\n')
 
 
 def _lease(
@@ -193,7 +194,7 @@ def _start(
     return _Started(stream, record, int(time.time()), stream.version.name)
 
 
-@router.post("/chat/completions", response_model=ChatCompletion)
+@router.post("/chat/completions", response_model=ChatCompletion, responses=STREAM_DOC)
 def chat_completions(
     body: ChatCompletionRequest,
     key: CurrentKey,
@@ -228,7 +229,7 @@ def chat_completions(
     )  # fmt: skip
 
 
-@router.post("/completions", response_model=TextCompletion)
+@router.post("/completions", response_model=TextCompletion, responses=STREAM_DOC)
 def completions(
     body: CompletionRequest,
     key: CurrentKey,

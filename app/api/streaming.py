@@ -21,6 +21,16 @@ Recorded = TypeVar("Recorded")
 log = logging.getLogger(__name__)
 
 
+def documented_stream(example: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entry: with `stream: true`, a 200 is server-sent events."""
+    return {
+        200: {
+            "content": {"text/event-stream": {"example": example}},
+            "description": "The answer; with `stream: true`, server-sent events.",
+        }
+    }
+
+
 def sse(data: dict[str, Any] | str, event: str | None = None) -> str:
     """One server-sent event; `data` as JSON unless it is already a string."""
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
@@ -71,6 +72,34 @@ def current_key(
 
 
 CurrentKey = Annotated[ApiKey, Depends(current_key)]
+
+
+@dataclass(frozen=True)
+class Generating:
+    """What a generation route works with: the caller, its session, the engine and the rest."""
+
+    key: ApiKey
+    session: Session
+    engine: Engine
+    settings: Settings
+    follower: VersionFollower
+    sessions: Callable[[], Session]
+    """The session factory, for recording a streamed answer after the request's session."""
+
+
+def generating(
+    key: CurrentKey,
+    session: SessionDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    follower: FollowerDep,
+    request: Request,
+) -> Generating:
+    """The pieces a generation route needs, as one dependency."""
+    return Generating(key, session, engine, settings, follower, request.app.state.sessionmaker)
+
+
+GeneratingDep = Annotated[Generating, Depends(generating)]
 
 
 def admin_key(key: CurrentKey) -> ApiKey:

@@ -5,23 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, status
+from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import BaseModel
-from sqlalchemy.orm import Session
 
 from app.api.streaming import documented_stream, event_stream, sse
-from app.config import Settings
 from app.deps import (
     RATE_LIMITED,
     CurrentKey,
-    EngineDep,
-    FollowerDep,
+    Generating,
+    GeneratingDep,
     GenerationLimit,
     SessionDep,
-    SettingsDep,
 )
-from app.ml.engine import Completion, Engine
-from app.models import ApiKey, Role, Task
+from app.models import Role, Task
 from app.schemas.generation import (
     GenerateRequest,
     GenerateResponse,
@@ -34,7 +30,6 @@ from app.schemas.generation import (
 )
 from app.services import generations
 from app.services.errors import InvalidInput
-from app.services.serving import VersionFollower
 
 router = APIRouter(prefix="/v1", tags=["generation"])
 MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns; a larger one is a 422, not a database error
@@ -46,45 +41,35 @@ STREAM_DOC = documented_stream('event: delta\ndata: {"text": "Hel"}\n\n')
 def _answer(
     task: Task,
     body: GenerateRequest | TranslateRequest | QARequest,
-    key: ApiKey,
-    session: Session,
-    engine: Engine,
-    settings: Settings,
-    follower: VersionFollower,
-    request: Request,
+    ctx: Generating,
     respond: Callable[[GenerationPublic, dict[str, Any]], BaseModel],
 ) -> Any:
     """Generate and record; the response `respond` makes, or its events when streaming."""
     lease = None
     if body.model_version is not None:
-        if key.role is not Role.admin:
+        if ctx.key.role is not Role.admin:
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN,
                 "choosing model_version needs an admin key; leave it out to use the active version",
             )
-        lease = follower.lease_by_name(session, body.model_version)
-    data, params, key_id = body.task_input(), body.sampling(), key.id
+        lease = ctx.follower.lease_by_name(ctx.session, body.model_version)
+    data, params, key_id = body.task_input(), body.sampling(), ctx.key.id
+    max_chars = ctx.settings.max_prompt_chars
     if not body.stream:
         row = generations.create_generation(
-            session, engine, api_key_id=key_id, task=task, data=data, params=params,
-            max_chars=settings.max_prompt_chars, version_lease=lease,
+            ctx.session, ctx.engine, api_key_id=key_id, task=task, data=data, params=params,
+            max_chars=max_chars, version_lease=lease,
         )  # fmt: skip
         return respond(GenerationPublic.of(row), row.input)
     stream, prompt = generations.start_generation(
-        engine, task=task, data=data, params=params, max_chars=settings.max_prompt_chars,
-        version_lease=lease,
+        ctx.engine, task=task, data=data, params=params, max_chars=max_chars, version_lease=lease
+    )
+    generations.release_connection(ctx.session)  # a stream can outlive the pool's patience
+    record = generations.recorder(
+        ctx.sessions,
+        lambda row: respond(GenerationPublic.of(row), row.input).model_dump(mode="json"),
+        api_key_id=key_id, task=task, data=data, prompt=prompt, params=params,
     )  # fmt: skip
-    generations.release_connection(session)  # a stream can outlive the pool's patience
-    sessions = request.app.state.sessionmaker
-
-    def record(completion: Completion) -> dict[str, Any]:
-        with sessions() as own:  # the request's session may be gone by the last token
-            row = generations.record_generation(
-                own, api_key_id=key_id, task=task, data=data, prompt=prompt, params=params,
-                completion=completion,
-            )  # fmt: skip
-            return respond(GenerationPublic.of(row), row.input).model_dump(mode="json")
-
     return event_stream(
         stream, record,
         delta=lambda text: sse({"text": text}, "delta"),
@@ -99,18 +84,10 @@ def _answer(
     responses={**STREAM_DOC, **RATE_LIMITED},
     dependencies=[GenerationLimit],
 )
-def generate(
-    body: GenerateRequest,
-    key: CurrentKey,
-    session: SessionDep,
-    engine: EngineDep,
-    settings: SettingsDep,
-    follower: FollowerDep,
-    request: Request,
-) -> Any:
+def generate(body: GenerateRequest, ctx: GeneratingDep) -> Any:
     """Answer a prompt, and record the generation."""
     return _answer(
-        Task.generate, body, key, session, engine, settings, follower, request,
+        Task.generate, body, ctx,
         lambda public, fields: GenerateResponse(**public.model_dump(), **fields),
     )  # fmt: skip
 
@@ -121,18 +98,10 @@ def generate(
     responses={**STREAM_DOC, **RATE_LIMITED},
     dependencies=[GenerationLimit],
 )
-def translate(
-    body: TranslateRequest,
-    key: CurrentKey,
-    session: SessionDep,
-    engine: EngineDep,
-    settings: SettingsDep,
-    follower: FollowerDep,
-    request: Request,
-) -> Any:
+def translate(body: TranslateRequest, ctx: GeneratingDep) -> Any:
     """Translate a text into `target_lang`, and record the generation."""
     return _answer(
-        Task.translate, body, key, session, engine, settings, follower, request,
+        Task.translate, body, ctx,
         lambda public, fields: TranslateResponse(**public.model_dump(), **fields),
     )  # fmt: skip
 
@@ -143,18 +112,10 @@ def translate(
     responses={**STREAM_DOC, **RATE_LIMITED},
     dependencies=[GenerationLimit],
 )
-def qa(
-    body: QARequest,
-    key: CurrentKey,
-    session: SessionDep,
-    engine: EngineDep,
-    settings: SettingsDep,
-    follower: FollowerDep,
-    request: Request,
-) -> Any:
+def qa(body: QARequest, ctx: GeneratingDep) -> Any:
     """Answer a question, from `context` when given, and record the generation."""
     return _answer(
-        Task.qa, body, key, session, engine, settings, follower, request,
+        Task.qa, body, ctx,
         lambda public, fields: QAResponse(**public.model_dump(), **fields),
     )  # fmt: skip
 

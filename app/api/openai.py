@@ -17,12 +17,11 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from app.api.streaming import documented_stream, event_stream, sse
-from app.config import Settings
-from app.deps import CurrentKey, EngineDep, FollowerDep, SessionDep, SettingsDep
-from app.ml.engine import Completion, Engine, GenerationStream
+from app.deps import Generating, GeneratingDep
+from app.ml.engine import Completion, GenerationStream
 from app.ml.registry import ServingVersion
 from app.models import ApiKey, Role, Task
 from app.schemas.openai import (
@@ -141,28 +140,6 @@ def _stream(
     )  # fmt: skip
 
 
-def _recorder(
-    sessions: sessionmaker[Session],
-    key: ApiKey,
-    task: Task,
-    data: dict[str, Any],
-    prompt: str,
-    body: ChatCompletionRequest | CompletionRequest,
-) -> Callable[[Completion], int]:
-    """Records the answer in its own session (a stream outlives the request's session)."""
-    key_id = key.id
-
-    def record(completion: Completion) -> int:
-        with sessions() as session:
-            row = generations.record_generation(
-                session, api_key_id=key_id, task=task, data=data, prompt=prompt,
-                params=body.sampling(), completion=completion,
-            )  # fmt: skip
-            return row.id
-
-    return record
-
-
 @dataclass(frozen=True)
 class _Started:
     """A queued OpenAI request: its stream, how to record it, and the fields every reply has."""
@@ -174,38 +151,26 @@ class _Started:
 
 
 def _start(
-    task: Task,
-    body: ChatCompletionRequest | CompletionRequest,
-    key: ApiKey,
-    session: Session,
-    engine: Engine,
-    settings: Settings,
-    follower: VersionFollower,
-    request: Request,
+    task: Task, body: ChatCompletionRequest | CompletionRequest, ctx: Generating
 ) -> _Started:
     """Queue the request on the version `model` names and release the database connection."""
-    data = body.task_input()
+    data, params = body.task_input(), body.sampling()
     stream, prompt = generations.start_generation(
-        engine, task=task, data=data, params=body.sampling(),
-        max_chars=settings.max_prompt_chars, version_lease=_lease(body, key, session, follower),
+        ctx.engine, task=task, data=data, params=params, max_chars=ctx.settings.max_prompt_chars,
+        version_lease=_lease(body, ctx.key, ctx.session, ctx.follower),
     )  # fmt: skip
-    generations.release_connection(session)  # a stream can outlive the pool's patience
-    record = _recorder(request.app.state.sessionmaker, key, task, data, prompt, body)
+    generations.release_connection(ctx.session)  # a stream can outlive the pool's patience
+    record = generations.recorder(
+        ctx.sessions, lambda row: row.id,
+        api_key_id=ctx.key.id, task=task, data=data, prompt=prompt, params=params,
+    )  # fmt: skip
     return _Started(stream, record, int(time.time()), stream.version.name)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=STREAM_DOC)
-def chat_completions(
-    body: ChatCompletionRequest,
-    key: CurrentKey,
-    session: SessionDep,
-    engine: EngineDep,
-    settings: SettingsDep,
-    follower: FollowerDep,
-    request: Request,
-) -> Any:
+def chat_completions(body: ChatCompletionRequest, ctx: GeneratingDep) -> Any:
     """OpenAI's chat completions: the conversation through the model's chat template."""
-    run = _start(Task.chat, body, key, session, engine, settings, follower, request)
+    run = _start(Task.chat, body, ctx)
     if body.stream:
         chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
 
@@ -230,17 +195,9 @@ def chat_completions(
 
 
 @router.post("/completions", response_model=TextCompletion, responses=STREAM_DOC)
-def completions(
-    body: CompletionRequest,
-    key: CurrentKey,
-    session: SessionDep,
-    engine: EngineDep,
-    settings: SettingsDep,
-    follower: FollowerDep,
-    request: Request,
-) -> Any:
+def completions(body: CompletionRequest, ctx: GeneratingDep) -> Any:
     """OpenAI's (legacy) completions: the prompt goes to the model as is."""
-    run = _start(Task.completion, body, key, session, engine, settings, follower, request)
+    run = _start(Task.completion, body, ctx)
     if body.stream:
         chunk_id = f"cmpl-{uuid.uuid4().hex}"
 

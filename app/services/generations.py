@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
@@ -24,6 +24,8 @@ from app.ml.registry import ServingVersion
 from app.models import Feedback, Generation, ModelVersion, Task
 from app.services.errors import Busy, InvalidInput, NotFound
 from app.services.prompts import language_name, user_message
+
+T = TypeVar("T")
 
 # The field a too-long input is reported on, per task.
 _MAIN_FIELD = {
@@ -113,6 +115,30 @@ def record_generation(
     session.add(generation)
     session.commit()
     return generation
+
+
+def recorder(
+    sessions: Callable[[], Session],
+    then: Callable[[Generation], T],
+    *,
+    api_key_id: int,
+    task: Task,
+    data: dict[str, Any],
+    prompt: str,
+    params: SamplingParams,
+) -> Callable[[Completion], T]:
+    """Records a streamed answer in a session of its own (a stream outlives the request's),
+    and returns `then(row)`, made while that session is open."""
+
+    def record(completion: Completion) -> T:
+        with sessions() as session:
+            row = record_generation(
+                session, api_key_id=api_key_id, task=task, data=data, prompt=prompt,
+                params=params, completion=completion,
+            )  # fmt: skip
+            return then(row)
+
+    return record
 
 
 def release_connection(session: Session) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -27,6 +29,17 @@ CACHE = Path(os.environ.get("FEEDBACK_LM_TEST_CACHE", ROOT / ".cache"))
 PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_TEST_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 ADMIN_KEY = "test-admin-key-0123456789"
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a server or worker the test started: SIGTERM, then SIGKILL after 30 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.migrate import upgrade
 from app.models import Comparison, Feedback, Generation
-from tests.conftest import ADMIN_KEY, reset_database
+from tests.conftest import ADMIN_KEY, reset_database, stop_process
 from tests.test_training import FAST, QUICK_GATE
 from tests.test_worker_rounds import _env, _wait
 
@@ -60,16 +60,6 @@ def _worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
          "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
         env=_env(settings), stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _rate_corrected(client: httpx.Client, count: int) -> list[int]:
@@ -122,7 +112,7 @@ class RedisServer:
     def stop(self) -> None:
         """Stop it."""
         if self.process is not None:
-            _stop(self.process)
+            stop_process(self.process)
 
 
 @pytest.fixture
@@ -197,7 +187,7 @@ class TestRedisStopped:
                 )
                 assert set(rated) & set(used), run  # (the newest are held out for the gate)
         finally:
-            _stop(worker)
+            stop_process(worker)
 
 
 # --- PostgreSQL restarted ----------------------------------------------------------------------
@@ -438,7 +428,7 @@ def test_nothing_acknowledged_is_lost_when_the_api_process_is_killed(
             poster.stop.set()
         for thread in threads:
             thread.join(60)
-        _stop(api)
+        stop_process(api)
 
     assert sum(p.failures for p in posters) > 0, "the clients never found the API gone"
     with sessions() as session:

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.main import create_app
 from app.models import Feedback, ModelVersion, TrainingRun
-from tests.conftest import ADMIN_KEY, REDIS_TEST_URL, reset_database
+from tests.conftest import ADMIN_KEY, REDIS_TEST_URL, reset_database, stop_process
 from tests.test_training import FAST, QUICK_GATE, rate_with_corrections
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -79,12 +79,7 @@ def start_worker(
 
     yield start
     for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_process(process)
 
 
 def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:

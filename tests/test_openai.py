@@ -153,7 +153,7 @@ def paused(client: OpenAI, live: str) -> Iterator[tuple[threading.Event, threadi
             started.set()
             assert proceed.wait(60)
 
-    hook = registry.active.model.base_model.register_forward_pre_hook(pause)
+    hook = registry.active.model.get_input_embeddings().register_forward_pre_hook(pause)
     yield started, proceed
     proceed.set()
     hook.remove()

@@ -183,7 +183,7 @@ def test_a_request_in_flight_finishes_on_its_version_through_swaps(
             started.set()
             assert proceed.wait(60)
 
-    hook = v1_model.base_model.register_forward_pre_hook(pause)
+    hook = v1_model.get_input_embeddings().register_forward_pre_hook(pause)
     result: dict[str, Any] = {}
     request = threading.Thread(
         target=lambda: result.update(client.post("/v1/generate", json=GREEDY, headers=admin).json())

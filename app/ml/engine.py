@@ -134,6 +134,10 @@ class GenerationStream:
             if self._loop is None or self._handoff is None:
                 self._deltas.put(delta)
                 return
+            outbox: Outbox | None = getattr(_STEP, "outbox", None)
+            if outbox is not None:
+                outbox.add(self._loop, self._handoff, delta)
+                return
             # RuntimeError: the event loop is gone (shutdown), so nobody is listening.
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._handoff.put_nowait, delta)
@@ -160,6 +164,42 @@ class GenerationStream:
         self._lease.close()  # the version may be recycled from here on
         self._put(None)
         self._done.set()
+
+
+_STEP = threading.local()  # the generation thread's outbox while it runs a step
+
+
+class Outbox:
+    """Deltas for event loops, handed over once per step.
+
+    Waking an event loop once per request and token made the loop's thread compete with the
+    matrix products for the two cores at every token of every stream; one wake-up per step
+    carries all of a step's deltas.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[str | None], str | None]]
+        ] = {}
+
+    def add(
+        self, loop: asyncio.AbstractEventLoop, handoff: asyncio.Queue[str | None], delta: str | None
+    ) -> None:
+        """Queue a delta for a stream's event loop."""
+        self._pending.setdefault(loop, []).append((handoff, delta))
+
+    def flush(self) -> None:
+        """Hand every queued delta to its event loop: one wake-up per loop."""
+        pending, self._pending = self._pending, {}
+        for loop, items in pending.items():
+            # RuntimeError: the event loop is gone (shutdown), so nobody is listening.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[asyncio.Queue[str | None], str | None]]) -> None:
+    for handoff, delta in items:
+        handoff.put_nowait(delta)
 
 
 class Engine:
@@ -260,6 +300,14 @@ class Engine:
         return stream.result()
 
     def _loop(self) -> None:
+        _STEP.outbox = outbox = Outbox()
+        try:
+            self._run(outbox)
+        finally:
+            outbox.flush()
+            _STEP.outbox = None
+
+    def _run(self, outbox: Outbox) -> None:
         batches: dict[ServingVersion, Batch] = {}  # one per version: swaps never mix weights
         while not self._stopping.is_set():
             running = sum(len(batch) for batch in batches.values())
@@ -278,16 +326,15 @@ class Engine:
                     arrivals.append(more)
             except queue.Empty:
                 pass
+            joining: dict[ServingVersion, list[GenerationStream]] = {}
             for stream in arrivals:
                 if stream.cancelled:
                     stream._finish(stream.completion("", 0, "cancelled"))
-                    continue
-                batch = batches.setdefault(stream.version, Batch(stream.version))
-                try:
-                    batch.admit(stream)
-                except Exception as exc:  # one bad request must not stop the loop
-                    log.exception("prefill failed")
-                    stream._finish(None, exc)
+                else:
+                    joining.setdefault(stream.version, []).append(stream)
+            for version, streams in joining.items():
+                batches.setdefault(version, Batch(version)).admit(streams)
+            outbox.flush()  # first tokens go out before the step
             for version, batch in list(batches.items()):
                 try:
                     for row, completion in batch.step():
@@ -297,6 +344,7 @@ class Engine:
                     batch.fail(exc)
                 if not batch:
                     del batches[version]
+            outbox.flush()
         for batch in batches.values():
             batch.fail(EngineStopped("the service is shutting down"))
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from app.ml.head import Head, packed_head
+from app.ml.packed import PackedModel
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,14 +30,14 @@ class ServingVersion:
     recyclable: bool = False
     """Whether its weights may be overwritten once retired (never for the base model)."""
     context_length: int = field(init=False)
-    head: Head | None = field(init=False)
-    """The output layer on packed weights (`app/ml/head.py`); None: the model's forward."""
+    packed: PackedModel | None = field(init=False)
+    """The weights packed for decoding (`app/ml/packed.py`); None: transformers' forward."""
 
     def __post_init__(self) -> None:
         length = getattr(self.model.config, "max_position_embeddings", None) or 2048
         object.__setattr__(self, "context_length", int(length))
         # Packed from the weights as they are now: a version is built before it is wrapped.
-        object.__setattr__(self, "head", packed_head(self.model))
+        object.__setattr__(self, "packed", PackedModel.of(self.model))
 
 
 class NoModelLoaded(RuntimeError):

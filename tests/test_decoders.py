@@ -1,0 +1,105 @@
+"""Both decoders give the model's own logits through joins, leaves, reorders and cache growth."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from app.ml.decoders import Decoder, TransformersDecoder
+from app.ml.packed import PackedDecoder, PackedModel
+
+SHAPE = dict(
+    vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+)  # fmt: skip
+
+
+def llama() -> PreTrainedModel:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**SHAPE, tie_word_embeddings=True)).eval()  # type: ignore[arg-type]
+
+
+def qwen2() -> PreTrainedModel:
+    """Qwen2 has biases on q, k and v, and an untied output layer."""
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, tie_word_embeddings=False)).eval()  # type: ignore[arg-type]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.bias.normal_()
+            layer.self_attn.k_proj.bias.normal_()
+    return model
+
+
+def packed(model: PreTrainedModel) -> Decoder:
+    weights = PackedModel.of(model)
+    if weights is None:
+        pytest.skip("oneDNN cannot pack weights on this CPU")
+    return PackedDecoder(weights)
+
+
+def expected(model: PreTrainedModel, sequence: list[int]) -> torch.Tensor:
+    """The model's logits after a whole sequence, with no cache, batch or padding."""
+    with torch.inference_mode():
+        return model(torch.tensor([sequence])).logits[0, -1]
+
+
+@pytest.mark.parametrize("make_model", [llama, qwen2])
+@pytest.mark.parametrize("make_decoder", [packed, TransformersDecoder])
+def test_decoder_gives_the_model_s_logits_for_every_row(
+    make_model: Callable[[], PreTrainedModel], make_decoder: Callable[[PreTrainedModel], Decoder]
+) -> None:
+    """Rows prefilled together and alone, joining longer than the batch, leaving, reordered,
+    past the cache's first capacity in rows (4) and columns (64): each row's logits stay the
+    model's own for that row's tokens."""
+    model = make_model()
+    decoder = make_decoder(model)
+    generator = torch.Generator().manual_seed(1)
+    sequences: list[list[int]] = []
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(0, 300, (n,), generator=generator).tolist()
+
+    def check(logits: torch.Tensor) -> None:
+        assert logits.shape[0] == len(sequences) == decoder.rows
+        for row, sequence in zip(logits, sequences, strict=True):
+            assert torch.allclose(row, expected(model, sequence), atol=1e-4, rtol=1e-4)
+
+    def prefill(*lengths: int) -> None:
+        prompts = [tokens(n) for n in lengths]
+        logits = decoder.prefill([torch.tensor(p) for p in prompts])
+        sequences.extend(prompts)
+        for row, prompt in zip(logits, prompts, strict=True):
+            assert torch.allclose(row, expected(model, prompt), atol=1e-4, rtol=1e-4)
+
+    def decode(steps: int) -> None:
+        for _ in range(steps):
+            step = tokens(len(sequences))
+            for sequence, token in zip(sequences, step, strict=True):
+                sequence.append(token)
+            check(decoder.decode(step))
+
+    def keep(rows: list[int]) -> None:
+        decoder.keep(rows)
+        sequences[:] = [sequences[i] for i in rows]
+
+    prefill(5, 9)  # together, with padding
+    decode(3)
+    prefill(20)  # longer than the batch so far
+    decode(2)
+    keep([0, 2])
+    prefill(3, 4, 2, 6)  # six rows
+    decode(70)  # past 64 columns
+    keep([3, 1, 0])
+    decode(2)
+    keep([])
+    prefill(7)  # an emptied batch starts again
+    decode(2)

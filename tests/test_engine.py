@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,30 @@ def test_a_short_request_joins_and_leaves_while_a_long_one_runs(engine: Engine) 
     assert done.completion_tokens == 3 and done.finish_reason == "length"
     assert not long._done.is_set(), "the short request waited for the long one"
     assert long.result(60).completion_tokens == 400
+
+
+def test_a_failed_prefill_fails_its_request_and_the_batch_goes_on(
+    engine: Engine, base: ServingVersion
+) -> None:
+    """An error in a new request's prefill reaches that request; the running one finishes."""
+    failing = threading.Event()
+
+    def fail_prefills(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if failing.is_set() and args[0].shape[1] > 1:  # prefill: more than one token a row
+            raise RuntimeError("prefill broke")
+
+    hook = base.model.get_input_embeddings().register_forward_pre_hook(fail_prefills)
+    try:
+        running = submit(engine, "Tell me a long story.", max_new_tokens=60, temperature=0)
+        assert running.next_delta(30)
+        failing.set()
+        with pytest.raises(RuntimeError, match="prefill broke"):
+            submit(engine, "Hi", max_new_tokens=3).result(30)
+        failing.clear()
+        assert running.result(60).completion_tokens == 60
+        assert submit(engine, "Hi", max_new_tokens=3).result(30).completion_tokens == 3
+    finally:
+        hook.remove()
 
 
 def test_seeded_answers_do_not_depend_on_what_runs_beside(engine: Engine) -> None:

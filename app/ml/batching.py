@@ -163,12 +163,12 @@ class Batch:
             rows = [Row.of(stream) for stream in group]
             try:
                 logits = self.decoder.prefill([s.input_ids[0] for s in group])
+                firsts = _sample(logits, rows)
             except Exception as exc:  # the batch goes on without them
                 log.exception("prefill failed")
                 for stream in group:
                     stream._finish(None, exc)
                 continue
-            firsts = _sample(logits, rows)
             self.rows += rows
             self.next_tokens += firsts
             for row, first in zip(rows, firsts, strict=True):

@@ -333,7 +333,15 @@ class Engine:
                 else:
                     joining.setdefault(stream.version, []).append(stream)
             for version, streams in joining.items():
-                batches.setdefault(version, Batch(version)).admit(streams)
+                batch = batches.setdefault(version, Batch(version))
+                try:
+                    batch.admit(streams)
+                except Exception as exc:  # a failed prefill is handled inside: this is a bug
+                    log.exception("admitting requests failed; the batch's requests fail")
+                    batch.fail(exc)
+                    for stream in streams:
+                        if not stream._done.is_set():
+                            stream._finish(None, exc)
             outbox.flush()  # first tokens go out before the step
             for version, batch in list(batches.items()):
                 try:

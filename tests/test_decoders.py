@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from app.ml.decoders import Decoder, TransformersDecoder
-from app.ml.packed import PackedDecoder, PackedModel
+from app.ml.llama import LlamaDecoder, LlamaWeights
 
 SHAPE = dict(
     vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -40,10 +40,17 @@ def qwen2() -> PreTrainedModel:
 
 
 def packed(model: PreTrainedModel) -> Decoder:
-    weights = PackedModel.of(model)
-    if weights is None:
-        pytest.skip("oneDNN cannot pack weights on this CPU")
-    return PackedDecoder(weights)
+    """On packed copies of the weights (the base model's path)."""
+    weights = LlamaWeights.of(model, pack=True)
+    assert weights is not None
+    return LlamaDecoder(weights)
+
+
+def own_weights(model: PreTrainedModel) -> Decoder:
+    """On the model's own weights (a version built during a swap)."""
+    weights = LlamaWeights.of(model, pack=False)
+    assert weights is not None
+    return LlamaDecoder(weights)
 
 
 def expected(model: PreTrainedModel, sequence: list[int]) -> torch.Tensor:
@@ -53,7 +60,7 @@ def expected(model: PreTrainedModel, sequence: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("make_model", [llama, qwen2])
-@pytest.mark.parametrize("make_decoder", [packed, TransformersDecoder])
+@pytest.mark.parametrize("make_decoder", [packed, own_weights, TransformersDecoder])
 def test_decoder_gives_the_model_s_logits_for_every_row(
     make_model: Callable[[], PreTrainedModel], make_decoder: Callable[[PreTrainedModel], Decoder]
 ) -> None:

@@ -1,4 +1,4 @@
-"""What a batch decodes with: the packed path for Llama-family models, transformers' otherwise.
+"""What a batch decodes with: the Llama-family path (`app/ml/llama.py`), transformers' otherwise.
 
 A decoder holds the KV cache of one batch's rows. `prefill` adds rows, `decode` advances every
 row by one token, `keep` drops finished rows; each returns or takes rows in batch order.
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from app.ml.packed import PackedDecoder
+from app.ml.llama import LlamaDecoder
 
 if TYPE_CHECKING:
     from app.ml.registry import ServingVersion
@@ -40,8 +40,8 @@ class Decoder(Protocol):
 
 def decoder_for(version: ServingVersion) -> Decoder:
     """A new, empty decoder for a batch on this version."""
-    if version.packed is not None:
-        return PackedDecoder(version.packed)
+    if version.llama is not None:
+        return LlamaDecoder(version.llama)
     return TransformersDecoder(version.model)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from app.ml.packed import PackedModel
+from app.ml.llama import LlamaWeights
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,15 +29,18 @@ class ServingVersion:
     tokenizer: PreTrainedTokenizerBase
     recyclable: bool = False
     """Whether its weights may be overwritten once retired (never for the base model)."""
+    pack: bool = True
+    """Whether to decode on packed copies of the weights (`app/ml/llama.py`): faster steps, for
+    more memory and build time."""
     context_length: int = field(init=False)
-    packed: PackedModel | None = field(init=False)
-    """The weights packed for decoding (`app/ml/packed.py`); None: transformers' forward."""
+    llama: LlamaWeights | None = field(init=False)
+    """The layers arranged for the Llama-family decode path; None: transformers' forward."""
 
     def __post_init__(self) -> None:
         length = getattr(self.model.config, "max_position_embeddings", None) or 2048
         object.__setattr__(self, "context_length", int(length))
         # Packed from the weights as they are now: a version is built before it is wrapped.
-        object.__setattr__(self, "packed", PackedModel.of(self.model))
+        object.__setattr__(self, "llama", LlamaWeights.of(self.model, self.pack))
 
 
 class NoModelLoaded(RuntimeError):

@@ -6,7 +6,8 @@ EPYC here):
 - `F.linear` on bf16 weights goes through oneDNN, which reorders the weight on every call.
   Weights reordered once into oneDNN's blocked layout (`_reorder_linear_weight`) take about half
   the time (33 against 63 us for a 1536 x 576 layer at batch 1). Fusing q/k/v and gate/up into
-  one product each also halves the number of calls.
+  one product each also halves the number of calls. The base model is packed once at start;
+  versions built during a swap use their own weights, since packing a copy made swaps slower.
 - bf16 attention through SDPA is slow on CPU: 1.0 ms a layer at batch 16 over 100 positions,
   against 0.15 ms in fp32. The KV cache here is fp32 and so is attention; only the weights'
   products run in the model's dtype.
@@ -38,54 +39,64 @@ SUPPORTED = frozenset({"llama", "qwen2"})
 """Model types whose decoder layers this module computes exactly like transformers does."""
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
+Projection = Callable[[torch.Tensor], torch.Tensor]
+"""One or more linear layers applied to the same input, their outputs side by side."""
+
+
+def _packed(*layers: torch.nn.Linear) -> Projection:
+    """The layers as one product on a copy of their weights in oneDNN's blocked layout."""
+    weights = [layer.weight.detach() for layer in layers]
     # The batch size is a hint for oneDNN's layout; any batch size works with it.
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-def _cat_bias(*layers: torch.nn.Linear) -> torch.Tensor | None:
-    if all(layer.bias is None for layer in layers):
-        return None
-    return torch.cat(
-        [
-            layer.bias.detach()
-            if layer.bias is not None
-            else layer.weight.new_zeros(layer.out_features)
-            for layer in layers
-        ]
+    weight = torch.ops.mkldnn._reorder_linear_weight(
+        torch.cat(weights) if len(weights) > 1 else weights[0], 16
     )
+    bias = None
+    if any(layer.bias is not None for layer in layers):
+        bias = torch.cat(
+            [
+                layer.bias.detach() if layer.bias is not None else layer.weight.new_zeros(len(w))
+                for layer, w in zip(layers, weights, strict=True)
+            ]
+        )
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    return project
+
+
+def _own(*layers: torch.nn.Linear) -> Projection:
+    """The layers on their own weights (no copy)."""
+    if len(layers) == 1:
+        (layer,) = layers
+        return lambda x: F.linear(x, layer.weight, layer.bias)
+    return lambda x: torch.cat([F.linear(x, layer.weight, layer.bias) for layer in layers], -1)
 
 
 @dataclass(frozen=True, eq=False)
-class PackedLayer:
-    """One decoder layer's weights in oneDNN's layout: q/k/v fused, gate/up fused."""
+class LlamaLayer:
+    """One decoder layer's projections (q/k/v fused, gate/up fused) and norm weights."""
 
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
-    gate_up: torch.Tensor
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    qkv: Projection
+    o: Projection
+    gate_up: Projection
+    down: Projection
     input_norm: torch.Tensor
     """RMSNorm weight before attention."""
     post_norm: torch.Tensor
     """RMSNorm weight before the MLP."""
 
 
-class PackedModel:
-    """A model's weights packed for decoding, and the forward pass that runs on them.
+class LlamaWeights:
+    """A model's layers arranged for decoding, and the forward pass that runs on them.
 
-    The packed weights are copies: they are taken once, from the weights as they are when the
-    serving version is built, and cost one more copy of the linear layers' weights in memory.
+    Packed (`pack=True`), the linear layers run on copies of their weights in oneDNN's layout,
+    taken when the serving version is built: about half the time of `F.linear`, for one more
+    copy of those weights in memory and about 0.2-0.3 s of packing. Unpacked, they run on the
+    model's own weights.
     """
 
-    def __init__(self, model: PreTrainedModel, layers: list[PackedLayer], head: torch.Tensor):
+    def __init__(self, model: PreTrainedModel, layers: list[LlamaLayer], head: Projection):
         config = model.config
         self.model = model
         self.layers = layers
@@ -101,43 +112,43 @@ class PackedModel:
         self.eps = float(config.rms_norm_eps)
 
     @classmethod
-    def of(cls, model: PreTrainedModel) -> PackedModel | None:
-        """The model packed, or None where this module cannot run it exactly."""
+    def of(cls, model: PreTrainedModel, pack: bool = True) -> LlamaWeights | None:
+        """The model arranged for decoding, or None where this module cannot run it exactly.
+        Packing falls back to the model's own weights where oneDNN cannot pack them (bf16 on
+        a CPU without AVX512 or AVX-NE-CONVERT)."""
         config = model.config
         layer_types = getattr(config, "layer_types", None) or ["full_attention"]
         output = model.get_output_embeddings()
         if (
             config.model_type not in SUPPORTED
             or any(kind != "full_attention" for kind in layer_types)
-            or not torch.backends.mkldnn.is_available()
             or not isinstance(output, torch.nn.Linear)
             or output.bias is not None
         ):
             return None
-        try:
-            layers = []
-            for layer in model.model.layers:
-                attn, mlp = layer.self_attn, layer.mlp
-                layers.append(
-                    PackedLayer(
-                        qkv=_pack(
-                            torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-                        ),
-                        qkv_bias=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
-                        o=_pack(attn.o_proj.weight),
-                        o_bias=_cat_bias(attn.o_proj),
-                        gate_up=_pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                        gate_up_bias=_cat_bias(mlp.gate_proj, mlp.up_proj),
-                        down=_pack(mlp.down_proj.weight),
-                        down_bias=_cat_bias(mlp.down_proj),
-                        input_norm=layer.input_layernorm.weight,
-                        post_norm=layer.post_attention_layernorm.weight,
-                    )
+        if pack and torch.backends.mkldnn.is_available():
+            try:
+                return cls._arrange(model, _packed)
+            except RuntimeError:
+                pass
+        return cls._arrange(model, _own)
+
+    @classmethod
+    def _arrange(cls, model: PreTrainedModel, project: Callable[..., Projection]) -> LlamaWeights:
+        layers = []
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            layers.append(
+                LlamaLayer(
+                    qkv=project(attn.q_proj, attn.k_proj, attn.v_proj),
+                    o=project(attn.o_proj),
+                    gate_up=project(mlp.gate_proj, mlp.up_proj),
+                    down=project(mlp.down_proj),
+                    input_norm=layer.input_layernorm.weight,
+                    post_norm=layer.post_attention_layernorm.weight,
                 )
-            head = _pack(output.weight)
-        except RuntimeError:  # e.g. bf16 on a CPU without AVX512 or AVX-NE-CONVERT
-            return None
-        return cls(model, layers, head)
+            )
+        return cls(model, layers, project(model.get_output_embeddings()))
 
     def norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm as transformers computes it: normalised in fp32, scaled in the model's dtype."""
@@ -146,7 +157,7 @@ class PackedModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from final hidden states (before the final norm)."""
-        return _linear(self.norm(hidden, self.model.model.norm.weight), self.head, None)
+        return self.head(self.norm(hidden, self.model.model.norm.weight))
 
     def forward(
         self,
@@ -168,16 +179,16 @@ class PackedModel:
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         inter = self.intermediate
         for index, layer in enumerate(self.layers):
-            qkv = _linear(self.norm(hidden, layer.input_norm), layer.qkv, layer.qkv_bias).float()
+            qkv = layer.qkv(self.norm(hidden, layer.input_norm)).float()
             qkv = qkv.view(rows, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
             qk = qkv[:, : heads + kv_heads]
             qk = qk * cos + qk.roll(half, dims=-1) * sin
             out = attend(index, qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :])
             out = out.to(hidden.dtype).transpose(1, 2).reshape(rows, tokens, heads * head_dim)
-            hidden = hidden + _linear(out, layer.o, layer.o_bias)
-            gate_up = _linear(self.norm(hidden, layer.post_norm), layer.gate_up, layer.gate_up_bias)
+            hidden = hidden + layer.o(out)
+            gate_up = layer.gate_up(self.norm(hidden, layer.post_norm))
             gated = self.act(gate_up[..., :inter]) * gate_up[..., inter:]
-            hidden = hidden + _linear(gated, layer.down, layer.down_bias)
+            hidden = hidden + layer.down(gated)
         return hidden
 
 
@@ -255,12 +266,12 @@ class KVCache:
         self.start = self.start[rows]
 
 
-class PackedDecoder:
-    """The rows of one batch on a packed model: prefill adds rows, decode steps all of them."""
+class LlamaDecoder:
+    """The rows of one batch: prefill adds rows, decode steps all of them."""
 
-    def __init__(self, packed: PackedModel) -> None:
-        self.packed = packed
-        self.cache = KVCache(len(packed.layers), packed.kv_heads, packed.head_dim)
+    def __init__(self, weights: LlamaWeights) -> None:
+        self.weights = weights
+        self.cache = KVCache(len(weights.layers), weights.kv_heads, weights.head_dim)
 
     @property
     def rows(self) -> int:
@@ -270,7 +281,7 @@ class PackedDecoder:
     def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
         """Add one row per prompt (1-D token ids), prefilled together; logits of their last
         tokens."""
-        cache, packed = self.cache, self.packed
+        cache, weights = self.cache, self.weights
         lengths = torch.tensor([len(p) for p in prompts])
         width, group, old = int(lengths.max()), len(prompts), cache.rows
         pad = width - lengths
@@ -296,19 +307,19 @@ class PackedDecoder:
             cache.keys[layer][old : old + group, :, end - width : end] = k
             cache.values[layer][old : old + group, :, end - width : end] = v
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=packed.scaling,
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=weights.scaling,
                 enable_gqa=True,
             )  # fmt: skip
 
         with torch.inference_mode():
-            hidden = packed.forward(input_ids, positions, attend)
-            logits = packed.logits(hidden[:, -1, :])
+            hidden = weights.forward(input_ids, positions, attend)
+            logits = weights.logits(hidden[:, -1, :])
         cache.start = torch.cat([cache.start, end - lengths])
         return logits
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
         """One token for every row; logits of the next."""
-        cache, packed = self.cache, self.packed
+        cache, weights = self.cache, self.weights
         cache.make_room(cache.rows, 1)
         n, first, column = cache.rows, cache.first, cache.length
         positions = (column - cache.start)[:, None]
@@ -321,12 +332,12 @@ class PackedDecoder:
             values[:n, :, column : column + 1] = v
             return F.scaled_dot_product_attention(
                 q, keys[:n, :, first : column + 1], values[:n, :, first : column + 1],
-                attn_mask=mask, scale=packed.scaling, enable_gqa=True,
+                attn_mask=mask, scale=weights.scaling, enable_gqa=True,
             )  # fmt: skip
 
         with torch.inference_mode():
-            hidden = packed.forward(torch.tensor(tokens)[:, None], positions, attend)
-            logits = packed.logits(hidden[:, -1, :])
+            hidden = weights.forward(torch.tensor(tokens)[:, None], positions, attend)
+            logits = weights.logits(hidden[:, -1, :])
         cache.length += 1
         return logits
 

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from app.ml.decoders import Decoder, TransformersDecoder
-from app.ml.llama import LlamaDecoder, LlamaWeights
+from app.ml.llama import KVCache, LlamaDecoder, LlamaWeights
 
 SHAPE = dict(
     vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -110,3 +110,15 @@ def test_decoder_gives_the_model_s_logits_for_every_row(
     keep([])
     prefill(7)  # an emptied batch starts again
     decode(2)
+
+
+def test_the_cache_grows_by_doubling_up_to_the_context_length() -> None:
+    """Growing doubles the columns (few copies), but never past what any row can use."""
+    cache = KVCache(layers=1, kv_heads=1, head_dim=2, limit=100)
+    cache.make_room(rows=1, columns=10)
+    assert cache.keys[0].shape[2] == 64
+    cache.start, cache.length = torch.tensor([0]), 64
+    cache.make_room(rows=1, columns=1)
+    assert cache.keys[0].shape[2] == 100  # not 128
+    cache.make_room(rows=5, columns=0)
+    assert cache.keys[0].shape[:3] == (8, 1, 100)

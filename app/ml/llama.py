@@ -110,6 +110,7 @@ class LlamaWeights:
         self.act = F.silu if config.hidden_act == "silu" else ACT2FN[config.hidden_act]
         self.intermediate = int(config.intermediate_size)
         self.eps = float(config.rms_norm_eps)
+        self.context_length = int(getattr(config, "max_position_embeddings", None) or 2048)
 
     @classmethod
     def of(cls, model: PreTrainedModel, pack: bool = True) -> LlamaWeights | None:
@@ -202,8 +203,10 @@ class KVCache:
     attention).
     """
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int) -> None:
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, limit: int) -> None:
         self.shape = (layers, kv_heads, head_dim)
+        self.limit = limit
+        """Columns never grow past this by doubling (the model's context: no row needs more)."""
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.start = torch.zeros(0, dtype=torch.long)
@@ -229,7 +232,8 @@ class KVCache:
         if rows <= row_cap and self.length + columns <= col_cap:
             return
         new_rows = max(rows, 2 * row_cap if rows > row_cap else row_cap, 4)
-        new_cols = max(used + columns, 2 * col_cap if used + columns > col_cap else col_cap, 64)
+        doubled = max(2 * col_cap if used + columns > col_cap else col_cap, 64)
+        new_cols = max(used + columns, min(doubled, self.limit))
         n = self.rows
         for buffers in (self.keys, self.values):
             old = buffers[:]
@@ -271,7 +275,9 @@ class LlamaDecoder:
 
     def __init__(self, weights: LlamaWeights) -> None:
         self.weights = weights
-        self.cache = KVCache(len(weights.layers), weights.kv_heads, weights.head_dim)
+        self.cache = KVCache(
+            len(weights.layers), weights.kv_heads, weights.head_dim, weights.context_length
+        )
 
     @property
     def rows(self) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from app.ml.batching import CANDIDATES, _sample
+from app.ml.batching import CANDIDATES, _sample, prefill_groups
 from app.ml.engine import Engine, GenerationStream, SamplingParams
 from app.ml.loading import load_model
 from app.ml.registry import ModelRegistry, ServingVersion
@@ -201,3 +201,19 @@ def test_a_flat_row_widens_alone_and_every_row_draws_as_it_would_alone() -> None
         assert alone == batched
     flat = {_sample(logits, rows(params, params, params, seed=s))[1] for s in range(300)}
     assert len(flat) > CANDIDATES
+
+
+def test_arrivals_prefill_in_groups_of_similar_length() -> None:
+    """Prompts within twice the shortest of a group share a forward pass; longer ones start a
+    new group, and no group passes PREFILL_TOKENS."""
+    streams = [SimpleNamespace(prompt_tokens=n) for n in (40, 900, 45, 70, 3000, 2000, 30)]
+    groups = prefill_groups(streams)  # type: ignore[arg-type]
+    assert [[s.prompt_tokens for s in g] for g in groups] == [
+        [30, 40, 45],
+        [70],
+        [900],
+        [2000],
+        [3000],
+    ]
+    many = [SimpleNamespace(prompt_tokens=1000) for _ in range(9)]
+    assert [len(g) for g in prefill_groups(many)] == [4, 4, 1]  # type: ignore[arg-type]

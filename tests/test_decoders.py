@@ -122,3 +122,24 @@ def test_the_cache_grows_by_doubling_up_to_the_context_length() -> None:
     assert cache.keys[0].shape[2] == 100  # not 128
     cache.make_room(rows=5, columns=0)
     assert cache.keys[0].shape[:3] == (8, 1, 100)
+
+
+def test_llama_family_versions_take_their_own_path_and_others_transformers() -> None:
+    """Llama and Qwen2 decode on `app/ml/llama.py`; any other causal LM on its own forward."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from app.ml.decoders import decoder_for
+    from app.ml.registry import ServingVersion
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4)).eval()
+    for model, path in (
+        (llama(), LlamaDecoder),
+        (qwen2(), LlamaDecoder),
+        (gpt2, TransformersDecoder),
+    ):
+        version = ServingVersion(1, "v", model, tokenizer=None)  # type: ignore[arg-type]
+        assert isinstance(decoder_for(version), path)
+    decoder = decoder_for(ServingVersion(1, "v", gpt2, tokenizer=None))  # type: ignore[arg-type]
+    logits = decoder.prefill([torch.tensor([5, 6, 7]), torch.tensor([8, 9])])
+    assert torch.allclose(logits[1], expected(gpt2, [8, 9]), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(decoder.decode([3, 4])[0], expected(gpt2, [5, 6, 7, 3]), atol=1e-4)

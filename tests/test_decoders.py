@@ -143,3 +143,42 @@ def test_llama_family_versions_take_their_own_path_and_others_transformers() -> 
     logits = decoder.prefill([torch.tensor([5, 6, 7]), torch.tensor([8, 9])])
     assert torch.allclose(logits[1], expected(gpt2, [8, 9]), atol=1e-4, rtol=1e-4)
     assert torch.allclose(decoder.decode([3, 4])[0], expected(gpt2, [5, 6, 7, 3]), atol=1e-4)
+
+
+def on_a_4bit_grid(model: PreTrainedModel) -> PreTrainedModel:
+    """The model with each decoder weight rounded to 16 evenly spaced values per 32 inputs, as
+    a Q4_1 GGUF holds them (the default model comes from one)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *mlp.children()):
+                if isinstance(linear, torch.nn.Linear):
+                    blocks = linear.weight.view(linear.out_features, -1, 32)
+                    low = blocks.amin(-1, keepdim=True)
+                    step = (blocks.amax(-1, keepdim=True) - low) / 15
+                    linear.weight.copy_(
+                        (((blocks - low) / step).round() * step + low).view_as(linear.weight)
+                    )
+    return model
+
+
+def test_weights_already_on_4_bits_decode_in_4_bits_and_give_the_model_s_logits() -> None:
+    """bf16 weights on a 4-bit grid run a decode step on the int4 kernel (prefill on their own
+    weights); the logits stay the model's own, as close as bf16 allows. Weights off the grid
+    never do: quantising them would change the model."""
+    model = on_a_4bit_grid(llama()).to(torch.bfloat16)
+    weights = LlamaWeights.of(model)
+    assert weights is not None and weights.four_bit == 4 * len(weights.layers)
+    off_grid = LlamaWeights.of(llama().to(torch.bfloat16))
+    assert off_grid is not None and off_grid.four_bit == 0
+
+    decoder = LlamaDecoder(weights)
+    sequences = [[5, 17, 33, 9, 120], [7, 250]]
+    decoder.prefill([torch.tensor(s) for s in sequences])
+    for step in ([11, 12], [13, 14], [15, 16]):
+        logits = decoder.decode(step)
+        for row, sequence, token in zip(logits, sequences, step, strict=True):
+            sequence.append(token)
+            own = expected(model, sequence).float()
+            assert torch.allclose(row.float(), own, atol=0.02, rtol=0.02)
+            assert int(row.argmax()) == int(own.argmax())

@@ -58,7 +58,14 @@ def load_base_version(session: Session, settings: Settings) -> ServingVersion:
 
     def build() -> ServingVersion:
         model, tokenizer = load_model(path, dtype)
-        return ServingVersion(base.id, base.name, model, tokenizer)
+        version = ServingVersion(base.id, base.name, model, tokenizer)
+        if version.llama is not None and version.llama.four_bit:
+            log.info(
+                "decode steps run %d projections on 4-bit weights: the checkpoint's weights "
+                "already are 4-bit (a Q4_1 GGUF), so nothing is lost",
+                version.llama.four_bit,
+            )
+        return version
 
     return in_short_thread(build)  # called on the event loop's thread, which lives on
 

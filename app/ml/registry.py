@@ -30,7 +30,8 @@ class ServingVersion:
     recyclable: bool = False
     """Whether its weights may be overwritten once retired (never for the base model)."""
     pack: bool = True
-    """Whether to decode on packed copies of the weights (`app/ml/llama.py`): faster steps, for
+    """Whether decode steps run on weights arranged for speed (4-bit where the weights already
+    are, else packed copies; `app/ml/llama.py`) instead of the model's own: faster steps, for
     more memory and build time."""
     context_length: int = field(init=False)
     llama: LlamaWeights | None = field(init=False)

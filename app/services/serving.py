@@ -62,7 +62,7 @@ def load_base_version(session: Session, settings: Settings) -> ServingVersion:
         if version.llama is not None and version.llama.four_bit:
             log.info(
                 "decode steps run %d projections on 4-bit weights: the checkpoint's weights "
-                "already are 4-bit (a Q4_1 GGUF), so nothing is lost",
+                "already are 4-bit (as from a Q4_1 GGUF), so nothing is lost",
                 version.llama.four_bit,
             )
         return version

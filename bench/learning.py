@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from common import DEFAULT_MODEL, ROOT, prepared_model, wait_ready  # bench/, beside this script
 
-ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "bench-admin-key-0123456789"
 HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 
@@ -56,18 +56,6 @@ def good(answer: str, max_words: int) -> bool:
     """The raters' hidden rule: a short first sentence."""
     first = re.split(r"(?<=[.!?])\s", answer.strip(), maxsplit=1)[0]
     return 0 < len(first.split()) <= max_words
-
-
-def wait_ready(base: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("the API did not become ready")
 
 
 def approval(
@@ -103,12 +91,10 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--min-length-ratio", type=float, default=0.5, help="gate bound")
-    parser.add_argument("--model", default=str(ROOT / "data" / "models" / "smollm2-135m-instruct"))
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--port", type=int, default=8790)
     args = parser.parse_args()
-    model_dir = Path(args.model).resolve()
-    if not (model_dir / "config.json").is_file():
-        sys.exit(f"{model_dir} is not prepared: run `make setup` first")
+    model_dir = prepared_model(args.model)
 
     data_dir = Path(tempfile.mkdtemp(prefix="flm-learning-"))
     env = {**os.environ, "DATA_DIR": str(data_dir), "MODEL": str(model_dir), "ADMIN_API_KEY": ADMIN,
@@ -126,7 +112,7 @@ def main() -> None:
     train, heldout = prompts()
     rows: list[dict[str, Any]] = []
     try:
-        wait_ready(base)
+        wait_ready(f"{base}/readyz", api)
         client = httpx.Client(headers=HEADERS, timeout=600)
         # Several raters, as in a real deployment (each contributes at most its cap per round).
         raters = []

@@ -31,15 +31,15 @@ from pathlib import Path
 
 import httpx
 import psycopg
+from common import DEFAULT_MODEL, ROOT, prepared_model, wait_ready  # bench/, beside this script
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import select  # noqa: E402
+from sqlalchemy import select
 
-from app.db import make_engine, make_sessionmaker  # noqa: E402
-from app.migrate import upgrade  # noqa: E402
-from app.models import Comparison, Feedback  # noqa: E402
+from app.db import make_engine, make_sessionmaker
+from app.migrate import upgrade
+from app.models import Comparison, Feedback
 
 ADMIN = "bench-admin-key-0123456789"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -185,21 +185,6 @@ def check_stored(database_url: str, results: Results) -> list[str]:
     return problems
 
 
-def wait_ready(base: str, server: subprocess.Popen[bytes], timeout: float = 300) -> None:
-    """Until /readyz answers 200 (the model is loaded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"the server exited with {server.returncode}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    sys.exit("the server did not get ready")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -208,12 +193,10 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60, help="seconds of load")
     parser.add_argument("--sqlite", action="store_true", help="SQLite, no Redis")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/13", help="with PostgreSQL")
-    parser.add_argument("--model", default=str(ROOT / "data" / "models" / "smollm2-135m-instruct"))
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--port", type=int, default=8710)
     args = parser.parse_args()
-    model_dir = Path(args.model).resolve()
-    if not (model_dir / "config.json").is_file():
-        sys.exit(f"{model_dir} is not prepared: run `make setup` first")
+    model_dir = prepared_model(args.model)
 
     data_dir = Path(tempfile.mkdtemp(prefix="flm-load-"))
     database = None
@@ -236,7 +219,7 @@ def main() -> None:
         env=env, cwd=ROOT,
     )  # fmt: skip
     try:
-        wait_ready(base, server)
+        wait_ready(f"{base}/readyz", server)
         admin = {"Authorization": f"Bearer {ADMIN}"}
         keys = []
         for i in range(args.clients):

@@ -26,15 +26,15 @@ from pathlib import Path
 
 import httpx
 import psycopg
+from common import DEFAULT_MODEL, ROOT, prepared_model, wait_ready  # bench/, beside this script
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.db import make_engine, make_sessionmaker  # noqa: E402
-from app.migrate import upgrade  # noqa: E402
-from app.ml.checkpoints import write_checkpoint  # noqa: E402
-from app.models import ModelVersion, VersionKind, VersionStatus  # noqa: E402
-from app.services.versions import next_name  # noqa: E402
+from app.db import make_engine, make_sessionmaker
+from app.migrate import upgrade
+from app.ml.checkpoints import write_checkpoint
+from app.models import ModelVersion, VersionKind, VersionStatus
+from app.services.versions import next_name
 
 ADMIN = "bench-admin-key-0123456789"
 
@@ -96,11 +96,9 @@ def main() -> None:
     parser.add_argument("--rollbacks", type=int, default=4, help="then back and forth")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--clients", type=int, default=4, help="concurrent request loops")
-    parser.add_argument("--model", default=str(ROOT / "data" / "models" / "smollm2-135m-instruct"))
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     args = parser.parse_args()
-    model_dir = Path(args.model).resolve()
-    if not (model_dir / "config.json").is_file():
-        sys.exit(f"{model_dir} is not prepared: run `make setup` first")
+    model_dir = prepared_model(args.model)
 
     data_dir = Path(tempfile.mkdtemp(prefix="flm-swap-"))
     if args.no_redis:
@@ -128,15 +126,8 @@ def main() -> None:
     ]  # fmt: skip
     headers = {"Authorization": f"Bearer {ADMIN}"}
     try:
-        for port in ports:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
+        for port, server in zip(ports, servers, strict=True):
+            wait_ready(f"http://127.0.0.1:{port}/readyz", server, 180)
         sessions = make_sessionmaker(make_engine(database_url))
         adapter = make_adapters(model_dir)
         names = [

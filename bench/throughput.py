@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import httpx
+from common import DEFAULT_MODEL, ROOT, prepared_model, wait_ready  # bench/, beside this script
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ADMIN = "bench-admin-key-0123456789"
@@ -103,20 +103,6 @@ def load(base: str, model: str, concurrency: int, requests: int, tokens: int,
         "ttft_p99": percentile(ttft, 0.99),
         "tbt_p50": statistics.median(gaps) if gaps else float("nan"),
     }
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"the server at {url} exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    sys.exit(f"{url} did not become ready")
 
 
 def sequential_generate(model_dir: Path, tokens: int, count: int) -> float:
@@ -195,11 +181,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client per level")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--llama-cpp", action="store_true")
-    parser.add_argument("--model", default=str(ROOT / "data" / "models" / "smollm2-135m-instruct"))
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     args = parser.parse_args()
-    model_dir = Path(args.model).resolve()
-    if not (model_dir / "config.json").is_file():
-        sys.exit(f"{model_dir} is not prepared: run `make setup` first")
+    model_dir = prepared_model(args.model)
 
     print(f"sequential transformers generate (fp32, batch 1): "
           f"{sequential_generate(model_dir, args.tokens, 4):.1f} tok/s", flush=True)  # fmt: skip

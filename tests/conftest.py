@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 import uvicorn
@@ -179,6 +180,21 @@ def sessions(settings: Settings) -> Iterator[object]:
     engine.dispose()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def api_ready(base: str) -> bool:
+    """Whether the API at `base` answers /readyz with 200 (its model is loaded)."""
+    try:
+        return httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 LIVE_APPS: dict[str, object] = {}
 """The app behind each live server, by URL (tests reach its engine and registry)."""
 
@@ -186,9 +202,7 @@ LIVE_APPS: dict[str, object] = {}
 @pytest.fixture
 def live(settings: Settings) -> Iterator[str]:
     """The app in a real uvicorn server on a free port, for the browser to load."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -13,7 +13,6 @@ import pwd
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.migrate import upgrade
 from app.models import Comparison, Feedback, Generation
-from tests.conftest import ADMIN_KEY, reset_database, stop_process
+from tests.conftest import ADMIN_KEY, api_ready, free_port, reset_database, stop_process
 from tests.test_training import FAST, QUICK_GATE
 from tests.test_worker_rounds import _env, _wait
 
@@ -44,13 +43,6 @@ needs_initdb = pytest.mark.skipif(
     not (PG_BIN / "initdb").is_file(),
     reason="PostgreSQL's initdb is not installed (looked in /usr/lib/postgresql/*/bin and PATH)",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def _worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
@@ -83,7 +75,7 @@ class RedisServer:
     """A private redis-server on its own port (the machine's shared one is never touched)."""
 
     def __init__(self, log: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -197,7 +189,7 @@ class PostgresCluster:
     """A private PostgreSQL cluster in a temporary directory, on its own port."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         # Not under pytest's tmp_path: the postgres user must be able to reach it.
         self.dir = Path(tempfile.mkdtemp(prefix="flm-pg-"))
         self.log = self.dir / "server.log"
@@ -394,7 +386,7 @@ def test_nothing_acknowledged_is_lost_when_the_api_process_is_killed(
     settings: Settings, tmp_path: Path, sessions: Any
 ) -> None:
     """SIGKILL at a random moment while clients post; after a restart every 2xx is stored."""
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = (tmp_path / "api.log").open("ab")
 
@@ -405,7 +397,7 @@ def test_nothing_acknowledged_is_lost_when_the_api_process_is_killed(
             env={**_env(settings), "MAX_PROMPT_CHARS": "2000"}, stdout=log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
-        _wait(lambda: _ready(base), 120, "the API to start")
+        _wait(lambda: api_ready(base), 120, "the API to start")
         return process
 
     seed = random.randrange(2**32)
@@ -451,10 +443,3 @@ def test_nothing_acknowledged_is_lost_when_the_api_process_is_killed(
         assert poster.generations <= generations, context
         assert {g: ratings.get(g) for g in poster.ratings} == poster.ratings, context
         assert {p: comparisons.get(p) for p in poster.comparisons} == poster.comparisons, context
-
-
-def _ready(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/readyz", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False

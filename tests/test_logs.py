@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,9 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import ADMIN_KEY
+from tests.conftest import ADMIN_KEY, api_ready, free_port
 
 BAD_KEY = "flm_this-key-was-never-issued-0123456789abcdef"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _serve(
@@ -55,11 +48,8 @@ def _wait_ready(process: subprocess.Popen[bytes], base: str, log: Path) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert process.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+        if api_ready(base):
+            return
         time.sleep(0.2)
     raise AssertionError(f"not ready:\n{log.read_text()}")
 
@@ -67,7 +57,7 @@ def _wait_ready(process: subprocess.Popen[bytes], base: str, log: Path) -> None:
 def test_no_key_reaches_the_logs(db_url: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     """Admin and user keys, a created key (in a response body, kept for an idempotent retry)
     and a bad key: none of them, nor an Authorization header, is in anything the server logs."""
-    port, log = _free_port(), tmp_path / "server.log"
+    port, log = free_port(), tmp_path / "server.log"
     base = f"http://127.0.0.1:{port}"
     process = _serve(db_url, tiny_model_dir, tmp_path, port, log)
     try:

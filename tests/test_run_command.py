@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -14,11 +13,7 @@ from pathlib import Path
 
 import httpx
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.conftest import free_port
 
 
 def _start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -53,7 +48,7 @@ def test_run_serves_with_worker_and_beat_then_restarts_with_everything_kept(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     """First run: migrates, prints the admin key, serves, worker answers; a rerun keeps it all."""
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {
         k: v

@@ -174,6 +174,24 @@ def test_a_nucleus_wider_than_the_first_candidates_is_sampled_in_full() -> None:
     assert len(drawn) > 2 * CANDIDATES
 
 
+def test_top_p_1_samples_the_whole_distribution() -> None:
+    """OpenAI's default top_p of 1 draws every token at its probability, the least likely too,
+    and a seeded row draws the same beside a nucleus row as alone."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()[None, :]
+    whole = SamplingParams(temperature=1.0, top_p=1.0)
+    drawn = [_sample(logits, rows(whole, seed=i))[0] for i in range(4000)]
+    frequencies = torch.bincount(torch.tensor(drawn), minlength=4) / len(drawn)
+    assert torch.allclose(frequencies, probs, atol=0.025)
+    nucleus = SamplingParams(temperature=1.0, top_p=0.6)
+    beside = [
+        _sample(torch.cat([logits, logits]), [*rows(nucleus, seed=1000 + i), *rows(whole, seed=i)])
+        for i in range(200)
+    ]
+    assert [b[1] for b in beside] == drawn[:200]
+    assert {b[0] for b in beside} == {0, 1}
+
+
 def test_a_seeded_row_draws_the_same_tokens_beside_any_other_row() -> None:
     """Each row draws from its own generator: neighbours never shift a seeded row's tokens."""
     torch.manual_seed(0)

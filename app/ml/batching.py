@@ -95,7 +95,14 @@ def _sample(logits: torch.Tensor, rows: list[Row]) -> list[int]:
     # do not hold their top_p mass get 8 times more, alone, so one flat distribution does not
     # widen the whole batch; the result stays exactly top-p.
     chosen = torch.empty(len(sampling), dtype=torch.long)
-    pending, k = torch.arange(len(sampling)), CANDIDATES
+    # top_p 1 (OpenAI's default) is the whole distribution: no nucleus to find, nothing to sort.
+    whole = top_p >= 1.0
+    if bool(whole.any()):
+        cumulative = probs[whole].cumsum(dim=-1)
+        threshold = draws[whole][:, None] * cumulative[:, -1:]
+        choice = torch.searchsorted(cumulative, threshold, right=True)
+        chosen[whole] = choice.clamp(max=probs.shape[-1] - 1).squeeze(1)
+    pending, k = torch.arange(len(sampling))[~whole], CANDIDATES
     while pending.numel():
         k = min(k, probs.shape[-1])
         candidates, order = probs[pending].topk(k, dim=-1)

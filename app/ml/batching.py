@@ -79,14 +79,20 @@ on up to the whole vocabulary."""
 
 def _sample(logits: torch.Tensor, rows: list[Row]) -> list[int]:
     """One token per row, with each row's temperature, top-p and generator (greedy at 0)."""
-    picked = logits.argmax(dim=-1)
+    # A copy (worked on in place below) in fp32: bf16's argmax and softmax are several times
+    # slower on CPU.
+    logits = logits.to(torch.float32, copy=True)
     sampling = [i for i, row in enumerate(rows) if row.stream.params.temperature > 0]
+    picked = torch.zeros(len(rows), dtype=torch.long)
+    if len(sampling) < len(rows):
+        picked = logits.argmax(dim=-1)
     if not sampling:
         return [int(t) for t in picked]
     index = torch.tensor(sampling)
     temperature = torch.tensor([rows[i].stream.params.temperature for i in sampling])
     top_p = torch.tensor([rows[i].stream.params.top_p for i in sampling])
-    probs = torch.softmax(logits[index].float() / temperature[:, None], dim=-1)
+    chosen_logits = logits if len(sampling) == len(rows) else logits[index]
+    probs = torch.softmax(chosen_logits.div_(temperature[:, None]), dim=-1)
     # One uniform draw per row from its own generator, so a seeded row's tokens do not depend
     # on the rows beside it; the token is where the draw falls in the row's nucleus.
     draws = torch.stack([torch.rand((), generator=rows[i].generator) for i in sampling])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -16,6 +17,7 @@ from transformers import (
 
 from app.ml.decoders import Decoder, TransformersDecoder
 from app.ml.llama import KVCache, LlamaDecoder, LlamaWeights
+from app.ml.lora import LoraWeights
 
 SHAPE = dict(
     vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -53,6 +55,49 @@ def own_weights(model: PreTrainedModel) -> Decoder:
     return LlamaDecoder(weights)
 
 
+def random_lora(model: PreTrainedModel, scale: float = 0.05) -> LoraWeights:
+    """A rank-2 LoRA update on every linear layer but one (and the output layer when it is not
+    tied to the embeddings), as `read_lora` gives it."""
+    generator = torch.Generator().manual_seed(2)
+    lora: LoraWeights = {}
+    for name, module in model.named_modules():
+        adapted = name.startswith("model.layers.") or (
+            name == "lm_head" and not model.config.tie_word_embeddings
+        )
+        if (
+            isinstance(module, torch.nn.Linear)
+            and adapted
+            and not name.endswith("1.self_attn.k_proj")
+        ):
+            a = torch.randn(2, module.in_features, generator=generator) * scale
+            b = torch.randn(module.out_features, 2, generator=generator) * scale
+            lora[name] = (a, b, 2.0)
+    return lora
+
+
+def merge(model: PreTrainedModel, lora: LoraWeights) -> PreTrainedModel:
+    """`model` with the update merged into its weights."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for path, (a, b, scaling) in lora.items():
+            weight = modules[path].weight
+            weight += ((b @ a) * scaling).to(weight.dtype)
+    return model
+
+
+def adapted(model: PreTrainedModel) -> Decoder:
+    """On packed copies of the base's weights plus a LoRA update, unmerged (an adapter version);
+    `model` becomes the reference: the update merged into its own weights."""
+    base = copy.deepcopy(model)
+    lora = random_lora(model)
+    merge(model, lora)
+    weights = LlamaWeights.of(base, pack=True)
+    assert weights is not None
+    with_lora = weights.adapted(lora)
+    assert with_lora is not None
+    return LlamaDecoder(with_lora)
+
+
 def expected(model: PreTrainedModel, sequence: list[int]) -> torch.Tensor:
     """The model's logits after a whole sequence, with no cache, batch or padding."""
     with torch.inference_mode():
@@ -60,7 +105,7 @@ def expected(model: PreTrainedModel, sequence: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("make_model", [llama, qwen2])
-@pytest.mark.parametrize("make_decoder", [packed, own_weights, TransformersDecoder])
+@pytest.mark.parametrize("make_decoder", [packed, own_weights, adapted, TransformersDecoder])
 def test_decoder_gives_the_model_s_logits_for_every_row(
     make_model: Callable[[], PreTrainedModel], make_decoder: Callable[[PreTrainedModel], Decoder]
 ) -> None:
@@ -182,3 +227,27 @@ def test_weights_already_on_4_bits_decode_in_4_bits_and_give_the_model_s_logits(
             own = expected(model, sequence).float()
             assert torch.allclose(row.float(), own, atol=0.02, rtol=0.02)
             assert int(row.argmax()) == int(own.argmax())
+
+
+def test_a_lora_update_on_4_bit_weights_decodes_as_the_merged_float32_model() -> None:
+    """An adapter version on the base's bf16 4-bit path, its update unmerged in float32, gives
+    the logits of the update merged into float32 weights, as close as the base's own bf16 steps
+    give the base's; so the update is kept, not lost to bf16's rounding."""
+    base = on_a_4bit_grid(llama())
+    lora = random_lora(base, scale=0.03)
+    merged = merge(copy.deepcopy(base), lora)
+    weights = LlamaWeights.of(copy.deepcopy(base).to(torch.bfloat16))
+    assert weights is not None and weights.four_bit
+    with_lora = weights.adapted(lora)
+    assert with_lora is not None
+    assert weights.adapted({**lora, "model.norm": lora["model.layers.0.mlp.up_proj"]}) is None
+
+    sequence = [5, 17, 33, 9, 120, 7, 250, 3]
+    decoder = LlamaDecoder(with_lora)
+    decoder.prefill([torch.tensor(sequence[:4])])
+    for token in sequence[4:]:
+        logits = decoder.decode([token])[0]
+    want, unadapted = expected(merged, sequence), expected(base, sequence)
+    error = (logits - want).abs().max()
+    assert error < 0.02 and error < 0.2 * (want - unadapted).abs().max()
+    assert int(logits.argmax()) == int(want.argmax())

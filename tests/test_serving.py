@@ -1,4 +1,5 @@
-"""Hot swap in one process: leases keep requests on their version, retired buffers are recycled."""
+"""Hot swap in one process: leases keep requests on their version; adapter versions decode on the
+base's weights (Llama family) or are merged into recycled buffers (other models)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from app.config import Settings
 from app.ml.checkpoints import MANIFEST, sha256_file, write_checkpoint
+from app.ml.decoders import decoder_for
 from app.ml.loading import load_model
 from app.ml.lora import ADAPTER_WEIGHTS, merge_lora
 from app.ml.registry import ModelRegistry, ServingVersion
@@ -93,35 +95,71 @@ def peft_merged(base: torch.nn.Module, path: str) -> dict[str, torch.Tensor]:
     return weights(PeftModel.from_pretrained(fresh, path).merge_and_unload())
 
 
+def on_transformers_forward(model: torch.nn.Module, tokenizer: Any) -> ServingVersion:
+    """A base version decoding on transformers' forward, as every architecture outside the
+    Llama family does: its adapter versions are merged into copies of its weights."""
+    base = ServingVersion(1, "v0", model, tokenizer)
+    object.__setattr__(base, "llama", None)
+    return base
+
+
+def logits_of(version: ServingVersion, tokens: list[int]) -> torch.Tensor:
+    """The version's next-token logits after `tokens`, on the path it serves with."""
+    return decoder_for(version).prefill([torch.tensor(tokens)])[0].float()
+
+
+def test_an_adapter_version_decodes_on_the_base_weights_as_the_merged_model(
+    sessions: Any, settings: Settings, client: TestClient
+) -> None:
+    """On the Llama-family path an adapter version copies no weights: its update is applied
+    unmerged, and it gives the logits of PEFT's merged model."""
+    model, tokenizer = load_model(Path(settings.model), torch.float32)
+    base = ServingVersion(1, "v0", model, tokenizer)
+    base_before = weights(model)
+    with sessions() as session:
+        row = get_by_name(session, publish_adapter(sessions, settings, 1))
+    version = load_adapter_version(row, base, spare=lambda: pytest.fail("nothing to recycle"))
+    assert version.shares_base and version.model is model and not version.recyclable
+    merged = copy.deepcopy(model)
+    merged.load_state_dict(peft_merged(model, row.path))
+    tokens = tokenizer("Tell me about the sea.")["input_ids"]
+    with torch.inference_mode():
+        want = merged(torch.tensor([tokens])).logits[0, -1]
+    got, unadapted = logits_of(version, tokens), logits_of(base, tokens)
+    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, unadapted, atol=1e-2)
+    assert same(weights(model), base_before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_recycled_buffer_holds_exactly_what_peft_merges(
     sessions: Any, settings: Settings, client: TestClient, dtype: torch.dtype
 ) -> None:
     """The direct merge into a retired model's memory gives PEFT's weights bit for bit."""
     model, tokenizer = load_model(Path(settings.model), dtype)
-    base = ServingVersion(1, "v0", model, tokenizer)
+    base = on_transformers_forward(model, tokenizer)
     base_before = weights(model)
     with sessions() as session:
         rows = [get_by_name(session, publish_adapter(sessions, settings, s)) for s in (1, 2)]
     expected = [peft_merged(model, row.path) for row in rows]
 
     first = load_adapter_version(rows[0], base)
-    second = load_adapter_version(rows[1], base, spare=first.model)
+    second = load_adapter_version(rows[1], base, spare=lambda: first.model)
 
     assert second.model is first.model  # recycled, not allocated
     assert second.model.dtype == torch.float32  # a bfloat16 base serves adapters in float32
     assert same(weights(second.model), expected[1])
     assert not same(expected[0], expected[1])
     assert same(weights(model), base_before)
-    assert same(weights(load_adapter_version(rows[0], base, spare=second.model).model), expected[0])
+    again = load_adapter_version(rows[0], base, spare=lambda: second.model)
+    assert same(weights(again.model), expected[0])
 
 
 def test_a_small_update_survives_on_a_bfloat16_base(
     sessions: Any, settings: Settings, client: TestClient
 ) -> None:
-    """Served in float32, every adapted weight moves; merged into bfloat16, most would not."""
+    """Merged in float32, every adapted weight moves; merged into bfloat16, most would not."""
     model, tokenizer = load_model(Path(settings.model), torch.bfloat16)
-    base = ServingVersion(1, "v0", model, tokenizer)
+    base = on_transformers_forward(model, tokenizer)
     with sessions() as session:
         row = get_by_name(session, publish_adapter(sessions, settings, 9, scale=1e-3))
     served = load_adapter_version(row, base).model.model.layers[0].self_attn.q_proj.weight
@@ -141,7 +179,8 @@ def test_adapters_beyond_plain_lora_are_merged_by_peft(
     with sessions() as session:
         row = get_by_name(session, name)
     assert not merge_lora(copy.deepcopy(model), Path(row.path))
-    built = load_adapter_version(row, base, spare=copy.deepcopy(model))
+    built = load_adapter_version(row, base, spare=lambda: copy.deepcopy(model))
+    assert not built.shares_base
     assert same(weights(built.model), peft_merged(model, row.path))
 
 
@@ -173,7 +212,7 @@ def test_a_request_in_flight_finishes_on_its_version_through_swaps(
     switch_to(client, sessions, v1)
     expected = client.post("/v1/generate", json=GREEDY, headers=admin).json()
     assert expected["model_version"] == v1
-    v1_model = registry.active.model
+    v1_version = registry.active
 
     # Pause the next request in its first forward pass on v1.
     started, proceed = threading.Event(), threading.Event()
@@ -183,7 +222,7 @@ def test_a_request_in_flight_finishes_on_its_version_through_swaps(
             started.set()
             assert proceed.wait(60)
 
-    hook = v1_model.get_input_embeddings().register_forward_pre_hook(pause)
+    hook = v1_version.model.get_input_embeddings().register_forward_pre_hook(pause)
     result: dict[str, Any] = {}
     request = threading.Thread(
         target=lambda: result.update(client.post("/v1/generate", json=GREEDY, headers=admin).json())
@@ -191,10 +230,10 @@ def test_a_request_in_flight_finishes_on_its_version_through_swaps(
     request.start()
     try:
         assert started.wait(60)
-        switch_to(client, sessions, v2)  # v1 is leased: v2 must not be built in its buffers
-        assert registry.active.name == v2 and registry.active.model is not v1_model
-        v2_model = registry.active.model
-        switch_to(client, sessions, v3)  # v1 is still leased: nothing to recycle yet
+        switch_to(client, sessions, v2)  # v1 is leased: it goes on serving this request
+        assert registry.active.name == v2 and registry.active is not v1_version
+        v2_version = registry.active
+        switch_to(client, sessions, v3)
         assert registry.active.name == v3
     finally:
         proceed.set()
@@ -207,17 +246,17 @@ def test_a_request_in_flight_finishes_on_its_version_through_swaps(
     assert after["model_version"] == v3 and after["output"] != expected["output"]
 
     # A rollback to the version just retired needs no loading: the same object serves again.
-    v3_model = registry.active.model
+    v3_version = registry.active
     switch_to(client, sessions, v2)
-    assert registry.active.name == v2 and registry.active.model is v2_model
+    assert registry.active is v2_version
     switch_to(client, sessions, v3)
-    assert registry.active.model is v3_model
+    assert registry.active is v3_version
     again = client.post("/v1/generate", json=GREEDY, headers=admin).json()
     assert again["model_version"] == v3 and again["output"] == after["output"]
 
-    # v1 was dropped from memory; rebuilt in recycled buffers, it answers as it did.
+    # v1 was dropped from memory (one retired version is kept); rebuilt, it answers as it did.
     switch_to(client, sessions, v1)
-    assert registry.active.model is v2_model
+    assert registry.active.name == v1 and registry.active is not v1_version
     rebuilt = client.post("/v1/generate", json=GREEDY, headers=admin).json()
     assert rebuilt["model_version"] == v1 and rebuilt["output"] == expected["output"]
 
@@ -230,7 +269,7 @@ def test_the_base_is_never_recycled(
     before = weights(base.model)
     for seed in (1, 2, 3):
         switch_to(client, sessions, publish_adapter(sessions, settings, seed))
-        assert registry.active.model is not base.model
+        assert registry.active is not base
     assert same(weights(base.model), before)
     assert registry.take_spare() is not base.model
 

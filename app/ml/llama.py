@@ -28,11 +28,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
+
+if TYPE_CHECKING:
+    from app.ml.lora import LoraWeights
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """Given a layer's index and its new queries, keys and values (fp32), stores the keys and values
@@ -124,6 +128,37 @@ class Int4Linear:
         return out.view(*x.shape[:-1], self.outputs)
 
 
+def _adapted(
+    project: Projection,
+    dtype: torch.dtype,
+    parts: list[tuple[torch.Tensor, torch.Tensor, float] | None],
+    outputs: list[int],
+) -> Projection:
+    """`project` (on weights of `dtype`) plus LoRA updates of its layers, unmerged: float32 in
+    and out, the update computed in float32. `parts` holds each layer's (A, B, scaling), or None
+    for a layer without one; `outputs` each layer's output size."""
+    if all(part is None for part in parts):
+        return project if dtype == torch.float32 else lambda x: project(x.to(dtype)).float()
+    # One product for all the layers: their A matrices stacked, their B matrices (scaled) on the
+    # diagonal of one, so each layer's update reads only its own A's outputs.
+    ranks = [part[0].shape[0] if part is not None else 0 for part in parts]
+    down = torch.cat([part[0] for part in parts if part is not None]).T.contiguous()
+    up = torch.zeros(sum(ranks), sum(outputs))
+    row = column = 0
+    for part, rank, size in zip(parts, ranks, outputs, strict=True):
+        if part is not None:
+            up[row : row + rank, column : column + size] = (part[1] * part[2]).T
+        row, column = row + rank, column + size
+
+    def project_adapted(x: torch.Tensor) -> torch.Tensor:
+        out = project(x.to(dtype)).float()
+        flat = out.view(-1, out.shape[-1])
+        flat.addmm_(x.reshape(-1, x.shape[-1]) @ down, up)
+        return out
+
+    return project_adapted
+
+
 def _own(*layers: torch.nn.Linear) -> Projection:
     """The layers on their own weights (no copy)."""
     if len(layers) == 1:
@@ -182,9 +217,12 @@ class LlamaWeights:
         layers: list[LlamaLayer],
         head: Projection,
         prefill_layers: list[LlamaLayer] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         config = model.config
         self.model = model
+        self.dtype = dtype or model.dtype
+        """The residual stream's dtype: the model's, or float32 with a LoRA update unmerged."""
         self.layers = layers
         """What a decode step runs on."""
         self.prefill_layers = prefill_layers or layers
@@ -232,6 +270,47 @@ class LlamaWeights:
                 pass
         return cls(model, own, own_head)
 
+    def adapted(self, lora: LoraWeights) -> LlamaWeights | None:
+        """These weights plus a LoRA update, unmerged, in float32 (activations too), or None
+        where the update adapts a layer this path does not compute.
+
+        The base's products run on the same weights, kernels and dtype as the base's own
+        decode steps; the update (`x @ A.T @ B.T * scaling`, a rank-r product per layer) and
+        the residual stream are float32, so all of a round's update is kept. Building this
+        copies no weights.
+        """
+        modules = dict(self.model.named_modules())
+        used: set[str] = set()
+
+        def adapt(project: Projection, *paths: str) -> Projection:
+            used.update(path for path in paths if path in lora)
+            outputs = [modules[path].weight.shape[0] for path in paths]
+            return _adapted(project, self.model.dtype, [lora.get(p) for p in paths], outputs)
+
+        def adapt_layers(layers: list[LlamaLayer]) -> list[LlamaLayer]:
+            adapted = []
+            for index, layer in enumerate(layers):
+                attn, mlp = f"model.layers.{index}.self_attn.", f"model.layers.{index}.mlp."
+                adapted.append(
+                    LlamaLayer(
+                        qkv=adapt(layer.qkv, attn + "q_proj", attn + "k_proj", attn + "v_proj"),
+                        o=adapt(layer.o, attn + "o_proj"),
+                        gate_up=adapt(layer.gate_up, mlp + "gate_proj", mlp + "up_proj"),
+                        down=adapt(layer.down, mlp + "down_proj"),
+                        input_norm=layer.input_norm,
+                        post_norm=layer.post_norm,
+                    )
+                )
+            return adapted
+
+        head_path = next(n for n, m in modules.items() if m is self.model.get_output_embeddings())
+        layers = adapt_layers(self.layers)
+        prefill = None if self.prefill_layers is self.layers else adapt_layers(self.prefill_layers)
+        head = adapt(self.head, head_path)
+        if used != lora.keys():
+            return None
+        return LlamaWeights(self.model, layers, head, prefill, dtype=torch.float32)
+
     def norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm as transformers computes it: normalised in fp32, scaled in the model's dtype."""
         normed = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=self.eps)
@@ -247,7 +326,7 @@ class LlamaWeights:
         """Hidden states after the last layer for `input_ids` [rows, tokens] at `positions`;
         `attend(layer, q, k, v)` stores keys and values and computes attention (fp32)."""
         inner = self.model.model
-        hidden = inner.embed_tokens(input_ids)
+        hidden = inner.embed_tokens(input_ids).to(self.dtype)
         rows, tokens = input_ids.shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         # Rotary embedding in fp32 on queries and keys at once: x * cos + rotate_half(x) * sin,

@@ -34,19 +34,23 @@ def plain_lora(config: LoraConfig) -> bool:
     )
 
 
-def merge_lora(model: torch.nn.Module, adapter_dir: Path) -> bool:
-    """Add a plain LoRA adapter's update to `model`'s weights in place; False if not plain.
+LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+"""A plain LoRA adapter: for each adapted linear layer's module path, its A and B matrices (in
+float32) and scaling; the layer's update is `scaling * B @ A`."""
 
-    Returns False, with `model` untouched, when the adapter needs PEFT's own machinery; raises
-    ValueError, with `model` untouched, when the adapter does not fit the model.
+
+def read_lora(model: torch.nn.Module, adapter_dir: Path) -> LoraWeights | None:
+    """A plain LoRA adapter's weights, checked against `model`'s layers; None if not plain.
+
+    Raises ValueError when the adapter does not fit the model.
     """
     config = LoraConfig.from_pretrained(str(adapter_dir))
     if not plain_lora(config):
-        return False
+        return None
     scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
     tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
     modules = dict(model.named_modules())
-    updates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    found: LoraWeights = {}
     for key, lora_a in tensors.items():
         if ".lora_A." not in key:
             continue
@@ -60,14 +64,28 @@ def merge_lora(model: torch.nn.Module, adapter_dir: Path) -> bool:
                 f"adapter weights for {path} have shape {tuple(lora_b.shape)} x "
                 f"{tuple(lora_a.shape)}, the layer {tuple(layer.weight.shape)}"
             )
-        updates.append((layer.weight, lora_a, lora_b))
-    if not updates:
+        # PEFT's arithmetic: adapter weights upcast to fp32 when saved in half precision (its
+        # autocast_adapter_dtype).
+        if lora_a.dtype in (torch.float16, torch.bfloat16):
+            lora_a, lora_b = lora_a.float(), lora_b.float()
+        found[path] = (lora_a, lora_b, scaling)
+    if not found:
         raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS} holds no LoRA weights")
+    return found
+
+
+def merge_lora(model: torch.nn.Module, adapter_dir: Path) -> bool:
+    """Add a plain LoRA adapter's update to `model`'s weights in place; False if not plain.
+
+    Returns False, with `model` untouched, when the adapter needs PEFT's own machinery; raises
+    ValueError, with `model` untouched, when the adapter does not fit the model.
+    """
+    lora = read_lora(model, adapter_dir)
+    if lora is None:
+        return False
+    modules = dict(model.named_modules())
     with torch.no_grad():
-        for weight, lora_a, lora_b in updates:
-            # PEFT's arithmetic: adapter weights upcast to fp32 when saved in half precision
-            # (its autocast_adapter_dtype), the product scaled, then added to the weight.
-            if lora_a.dtype in (torch.float16, torch.bfloat16):
-                lora_a, lora_b = lora_a.float(), lora_b.float()
-            weight += (lora_b @ lora_a) * scaling
+        for path, (lora_a, lora_b, scaling) in lora.items():
+            weight = modules[path].weight
+            weight += (lora_b @ lora_a) * scaling  # PEFT's order: the product, then the scaling
     return True

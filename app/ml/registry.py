@@ -1,9 +1,11 @@
 """The version a process serves: loaded off the request path, swapped under a lock.
 
 Requests lease the version they run on. A version that stops being active is kept as
-*retired* while it is in use and afterwards, so that rolling back to it is instant, and its
-weight buffers can be recycled for the next version once no request holds it: allocating fresh
-memory for a model costs more than building the version itself on this kind of machine.
+*retired* while it is in use and afterwards, so that rolling back to it is instant. A version
+with its own copy of the weights (merged, outside the Llama family) can have its buffers
+recycled for the next version once no request holds it: allocating fresh memory for a model
+costs more than building the version itself on this kind of machine. Llama-family adapter
+versions decode on the base's weights and own only their LoRA matrices.
 """
 
 from __future__ import annotations
@@ -29,19 +31,24 @@ class ServingVersion:
     tokenizer: PreTrainedTokenizerBase
     recyclable: bool = False
     """Whether its weights may be overwritten once retired (never for the base model)."""
+    shares_base: bool = False
+    """Whether it decodes on the base model's weights plus its own LoRA update (`llama` is
+    given): nothing to recycle, and cheap to keep once retired."""
     pack: bool = True
     """Whether decode steps run on weights arranged for speed (4-bit where the weights already
     are, else packed copies; `app/ml/llama.py`) instead of the model's own: faster steps, for
     more memory and build time."""
+    llama: LlamaWeights | None = None
+    """The layers arranged for the Llama-family decode path (arranged from `model` when not
+    given); None after construction: transformers' forward."""
     context_length: int = field(init=False)
-    llama: LlamaWeights | None = field(init=False)
-    """The layers arranged for the Llama-family decode path; None: transformers' forward."""
 
     def __post_init__(self) -> None:
         length = getattr(self.model.config, "max_position_embeddings", None) or 2048
         object.__setattr__(self, "context_length", int(length))
-        # Packed from the weights as they are now: a version is built before it is wrapped.
-        object.__setattr__(self, "llama", LlamaWeights.of(self.model, self.pack))
+        if self.llama is None:
+            # Packed from the weights as they are now: a version is built before it is wrapped.
+            object.__setattr__(self, "llama", LlamaWeights.of(self.model, self.pack))
 
 
 class NoModelLoaded(RuntimeError):
@@ -110,7 +117,8 @@ class ModelRegistry:
             previous, self._active = self._active, version
             if version in self._retired:
                 self._retired.remove(version)
-            if previous is not None and previous is not version and previous.recyclable:
+            kept = previous is not None and (previous.recyclable or previous.shares_base)
+            if previous is not None and previous is not version and kept:
                 self._retired.append(previous)
                 # Dropping the reference frees the weights once the last request finishes.
                 del self._retired[: max(0, len(self._retired) - self.keep_retired)]
@@ -128,7 +136,8 @@ class ModelRegistry:
     def idle_models(self) -> int:
         """How many models `take_spare` could return now."""
         with self._lock:
-            return len(self._spares) + sum(self._leases[v] == 0 for v in self._retired)
+            idle = sum(v.recyclable and self._leases[v] == 0 for v in self._retired)
+            return len(self._spares) + idle
 
     def take_spare(self) -> PreTrainedModel | None:
         """Take a model no request holds (a spare, else the oldest idle retired version)."""
@@ -136,7 +145,7 @@ class ModelRegistry:
             if self._spares:
                 return self._spares.pop()
             for version in self._retired:
-                if self._leases[version] == 0:
+                if version.recyclable and self._leases[version] == 0:
                     self._retired.remove(version)
                     return version.model
             return None

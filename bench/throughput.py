@@ -81,7 +81,9 @@ def load(base: str, model: str, concurrency: int, requests: int, tokens: int,
     def client_loop(index: int) -> None:
         with httpx.Client(timeout=600) as client:
             for r in range(requests):
-                prompt = PROMPTS[(index + r) % len(PROMPTS)]
+                # Every prompt differs from its start on (after the chat template), so that
+                # neither server reuses more of an earlier prompt than its system prompt.
+                prompt = f"Request {index}.{r}: {PROMPTS[(index + r) % len(PROMPTS)]}"
                 result = one_request(client, f"{base}/v1/chat/completions", headers, prompt, tokens,
                                      model)  # fmt: skip
                 with lock:

@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from app.ml.decoders import Decoder, TransformersDecoder
-from app.ml.llama import KVCache, LlamaDecoder, LlamaWeights
+from app.ml.llama import KVCache, LlamaDecoder, LlamaWeights, PrefixStore
 from app.ml.lora import LoraWeights
 
 SHAPE = dict(
@@ -251,3 +251,59 @@ def test_a_lora_update_on_4_bit_weights_decodes_as_the_merged_float32_model() ->
     error = (logits - want).abs().max()
     assert error < 0.02 and error < 0.2 * (want - unadapted).abs().max()
     assert int(logits.argmax()) == int(want.argmax())
+
+
+@pytest.mark.parametrize("make_decoder", [packed, own_weights, adapted])
+def test_prompts_that_start_alike_reuse_stored_keys_and_give_the_model_s_logits(
+    make_decoder: Callable[[PreTrainedModel], Decoder],
+) -> None:
+    """A prompt sharing its start with an earlier one (a system prompt, the same prompt again)
+    computes only the rest, in a group with other reuse lengths; each row's logits stay the
+    model's own, at prefill and in the decode steps after."""
+    model = llama()
+    decoder = make_decoder(model)
+    assert isinstance(decoder, LlamaDecoder)
+    generator = torch.Generator().manual_seed(3)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(0, 300, (n,), generator=generator).tolist()
+
+    widths: list[int] = []  # tokens a row each prefill computes
+    hook = decoder.weights.model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, args: widths.append(args[0].shape[1])
+    )
+    system = tokens(20)
+    first = system + tokens(5)
+    sequences = [first]
+    decoder.prefill([torch.tensor(first)])
+    group = [system + tokens(3), system + tokens(9), list(first)]  # 3, 9 and 1 computed
+    sequences += group
+    logits = decoder.prefill([torch.tensor(p) for p in group])
+    alone = tokens(12)
+    sequences.append(alone)
+    logits = torch.cat([logits, decoder.prefill([torch.tensor(alone)])])
+    hook.remove()
+    assert widths == [25, 9, 12]
+    for row, sequence in zip(logits, sequences[1:], strict=True):
+        assert torch.allclose(row, expected(model, sequence), atol=1e-4, rtol=1e-4)
+    for _ in range(3):
+        step = tokens(len(sequences))
+        for sequence, token in zip(sequences, step, strict=True):
+            sequence.append(token)
+        for row, sequence in zip(decoder.decode(step), sequences, strict=True):
+            assert torch.allclose(row, expected(model, sequence), atol=1e-4, rtol=1e-4)
+
+
+def test_the_prefix_store_keeps_recent_prompts_within_its_budget() -> None:
+    """A prompt replaces stored prompts it starts with; the least recently used go first."""
+    store = PrefixStore(budget=30)
+    kv = torch.zeros(1, 1, 1, 1)
+    store.add(list(range(10)), kv, kv)
+    store.add(list(range(12)), kv, kv)  # starts with the first: replaces it
+    assert store.tokens == 12 and store.covers(list(range(11)))
+    store.add([7] * 10, kv, kv)
+    assert store.longest(list(range(20)))[1] == 12  # used: now the most recent
+    store.add([9] * 10, kv, kv)  # 32 tokens: the least recently used ([7] * 10) goes
+    assert store.tokens == 22 and not store.covers([7] * 10)
+    assert store.longest([1] * 20) == (None, 0)
+    assert store.longest([0, 1, 2, 3, 4, 99])[1] == 0  # shares 5, fewer than MIN_REUSE

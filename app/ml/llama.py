@@ -238,6 +238,9 @@ class LlamaWeights:
         self.intermediate = int(config.intermediate_size)
         self.eps = float(config.rms_norm_eps)
         self.context_length = int(getattr(config, "max_position_embeddings", None) or 2048)
+        kv_bytes = len(layers) * 2 * self.kv_heads * self.head_dim * 4
+        self.prefixes = PrefixStore(PREFIX_CACHE_BYTES // kv_bytes)
+        """Keys and values of recent prompts on these weights, for prompts that start alike."""
 
     @property
     def four_bit(self) -> int:
@@ -350,6 +353,76 @@ class LlamaWeights:
         return hidden
 
 
+PREFIX_CACHE_BYTES = 128 * 2**20
+"""Memory per version for the keys and values of recent prompts (about 2,800 tokens of the
+default model's)."""
+MIN_REUSE = 8
+"""Fewest prompt tokens worth taking from the prefix store instead of computing."""
+
+
+@dataclass(eq=False)
+class Prefix:
+    """A prompt's keys and values, [layers, kv heads, tokens, head dim] each."""
+
+    tokens: list[int]
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    """How many tokens two sequences share from their start."""
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+class PrefixStore:
+    """The keys and values of recent prompts, so that a prompt starting like one of them (the
+    chat template's system prompt, an earlier turn of the conversation, the same prompt again)
+    computes only the rest. Least recently used first out, within a budget of tokens.
+
+    A key or value depends only on the tokens up to it, so a stored one is what prefilling would
+    compute again, up to the order of floating-point sums.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        """Most tokens held."""
+        self._entries: list[Prefix] = []  # least recently used first
+        self.tokens = 0
+
+    def longest(self, prompt: list[int]) -> tuple[Prefix | None, int]:
+        """The stored prompt sharing the longest start with `prompt`, and how many tokens they
+        share (fewer than the whole prompt: its last token is always computed)."""
+        best, shared = None, 0
+        for entry in self._entries:
+            n = _shared(entry.tokens, prompt[:-1])
+            if n > shared:
+                best, shared = entry, n
+        if best is None or shared < MIN_REUSE:
+            return None, 0
+        self._entries.remove(best)
+        self._entries.append(best)
+        return best, shared
+
+    def add(self, prompt: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep a prompt's keys and values, dropping stored prompts it starts with."""
+        if len(prompt) > self.budget:
+            return
+        for entry in list(self._entries):
+            if entry.tokens == prompt[: len(entry.tokens)]:
+                self._entries.remove(entry)
+                self.tokens -= len(entry.tokens)
+        self._entries.append(Prefix(prompt, keys, values))
+        self.tokens += len(prompt)
+        while self.tokens > self.budget:
+            self.tokens -= len(self._entries.pop(0).tokens)
+
+    def covers(self, prompt: list[int]) -> bool:
+        """Whether a stored prompt starts with all of `prompt`."""
+        return any(e.tokens[: len(prompt)] == prompt for e in self._entries)
+
+
 class KVCache:
     """Keys and values of a batch's rows, per layer, in fp32 buffers that grow by doubling.
 
@@ -443,41 +516,83 @@ class LlamaDecoder:
 
     def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
         """Add one row per prompt (1-D token ids), prefilled together; logits of their last
-        tokens."""
-        cache, weights = self.cache, self.weights
-        lengths = torch.tensor([len(p) for p in prompts])
-        width, group, old = int(lengths.max()), len(prompts), cache.rows
-        pad = width - lengths
+        tokens. The start a prompt shares with a recent one is taken from the prefix store."""
+        cache, weights, store = self.cache, self.weights, self.weights.prefixes
+        token_lists = [p.tolist() for p in prompts]
+        found = [store.longest(tokens) for tokens in token_lists]
+        reused = torch.tensor([n for _, n in found])
+        lengths = torch.tensor([len(t) for t in token_lists])
+        computed = lengths - reused
+        width, span = int(computed.max()), int(lengths.max())
+        group, old = len(prompts), cache.rows
+        pad = width - computed
         input_ids = torch.zeros(group, width, dtype=torch.long)
         for i, prompt in enumerate(prompts):
-            input_ids[i, int(pad[i]) :] = prompt
-        grow = max(0, width - cache.length)
+            input_ids[i, int(pad[i]) :] = prompt[int(reused[i]) :]
+        grow = max(0, span - cache.length)
         cache.make_room(old + group, grow)
         cache.shift(grow)
         end = cache.length  # the prompts end where the batch's rows do
+        starts = end - lengths
+        rows = range(old, old + group)
         columns = torch.arange(width)
-        positions = (columns[None, :] - pad[:, None]).clamp(min=0)
-        mask: torch.Tensor | None = None
-        if bool(pad.any()):
-            # Left padding: a real query sees real keys up to itself. A padding query sees only
-            # itself, so its softmax is over a real number (a row of -inf gives NaN).
-            causal = columns[None, :] <= columns[:, None]
-            real = columns[None, :] >= pad[:, None]
-            mask = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool)[None]
-            mask = mask[:, None]
+        positions = (columns[None, :] - pad[:, None] + reused[:, None]).clamp(min=0)
+        for row, (entry, n), start in zip(rows, found, starts.tolist(), strict=True):
+            if entry is not None:
+                for layer, (keys, values) in enumerate(zip(cache.keys, cache.values, strict=True)):
+                    keys[row, :, start : start + n] = entry.keys[layer, :, :n]
+                    values[row, :, start : start + n] = entry.values[layer, :, :n]
 
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            cache.keys[layer][old : old + group, :, end - width : end] = k
-            cache.values[layer][old : old + group, :, end - width : end] = v
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=weights.scaling,
-                enable_gqa=True,
-            )  # fmt: skip
+        if bool(reused.any()):
+            # A query sees its row's keys from the row's start up to itself, stored ones
+            # included; a padding query also sees its own column, so no softmax is over nothing.
+            query_columns = (end - width + columns)[:, None]
+            key_columns = (end - span + torch.arange(span))[None, :]
+            mask = (key_columns >= starts[:, None, None]) & (key_columns <= query_columns)
+            mask = (mask | (key_columns == query_columns))[:, None]
+
+            def attend(
+                layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+            ) -> torch.Tensor:
+                keys, values = cache.keys[layer], cache.values[layer]
+                for i, row in enumerate(rows):  # only real columns: padding would overwrite
+                    keys[row, :, end - int(computed[i]) : end] = k[i, :, int(pad[i]) :]
+                    values[row, :, end - int(computed[i]) : end] = v[i, :, int(pad[i]) :]
+                return F.scaled_dot_product_attention(
+                    q, keys[old : old + group, :, end - span : end],
+                    values[old : old + group, :, end - span : end], attn_mask=mask,
+                    scale=weights.scaling, enable_gqa=True,
+                )  # fmt: skip
+
+        else:
+            mask = None
+            if bool(pad.any()):
+                # Left padding: a real query sees real keys up to itself. A padding query sees
+                # only itself, so its softmax is over a real number (-inf everywhere gives NaN).
+                causal = columns[None, :] <= columns[:, None]
+                real = columns[None, :] >= pad[:, None]
+                mask = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool)[None]
+                mask = mask[:, None]
+
+            def attend(
+                layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+            ) -> torch.Tensor:
+                cache.keys[layer][old : old + group, :, end - width : end] = k
+                cache.values[layer][old : old + group, :, end - width : end] = v
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=mask is None, scale=weights.scaling,
+                    enable_gqa=True,
+                )  # fmt: skip
 
         with torch.inference_mode():
             hidden = weights.forward(input_ids, positions, attend, prefill=True)
             logits = weights.logits(hidden[:, -1, :])
-        cache.start = torch.cat([cache.start, end - lengths])
+        cache.start = torch.cat([cache.start, starts])
+        for row, tokens, start in zip(rows, token_lists, starts.tolist(), strict=True):
+            if not store.covers(tokens):
+                keys = torch.stack([k[row, :, start:end] for k in cache.keys])
+                values = torch.stack([v[row, :, start:end] for v in cache.values])
+                store.add(tokens, keys, values)
         return logits
 
     def decode(self, tokens: list[int]) -> torch.Tensor:

@@ -258,8 +258,9 @@ def test_prompts_that_start_alike_reuse_stored_keys_and_give_the_model_s_logits(
     make_decoder: Callable[[PreTrainedModel], Decoder],
 ) -> None:
     """A prompt sharing its start with an earlier one (a system prompt, the same prompt again)
-    computes only the rest, in a group with other reuse lengths; each row's logits stay the
-    model's own, at prefill and in the decode steps after."""
+    computes only the rest, in a group with other reuse lengths, and prompts arriving together
+    compute their shared start once; each row's logits stay the model's own, at prefill and in
+    the decode steps after."""
     model = llama()
     decoder = make_decoder(model)
     assert isinstance(decoder, LlamaDecoder)
@@ -282,8 +283,12 @@ def test_prompts_that_start_alike_reuse_stored_keys_and_give_the_model_s_logits(
     alone = tokens(12)
     sequences.append(alone)
     logits = torch.cat([logits, decoder.prefill([torch.tensor(alone)])])
+    fresh = tokens(15)  # a start nobody sent before, shared by prompts arriving together
+    together = [fresh + tokens(4), fresh + tokens(6)]
+    sequences += together
+    logits = torch.cat([logits, decoder.prefill([torch.tensor(p) for p in together])])
     hook.remove()
-    assert widths == [25, 9, 12]
+    assert widths == [25, 9, 12, 15, 6]  # the shared start once, then what differs
     for row, sequence in zip(logits, sequences[1:], strict=True):
         assert torch.allclose(row, expected(model, sequence), atol=1e-4, rtol=1e-4)
     for _ in range(3):

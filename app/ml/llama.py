@@ -609,16 +609,22 @@ class LlamaDecoder:
         n, first, column = cache.rows, cache.first, cache.length
         positions = (column - cache.start)[:, None]
         seen = torch.arange(first, column + 1)[None, :] >= cache.start[:, None]
-        mask = seen[:, None, None, :]
+        unseen = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))[:, None, None]
+        kv_heads, head_dim = weights.kv_heads, weights.head_dim
+        group = weights.heads // kv_heads
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = cache.keys[layer], cache.values[layer]
             keys[:n, :, column : column + 1] = k
             values[:n, :, column : column + 1] = v
-            return F.scaled_dot_product_attention(
-                q, keys[:n, :, first : column + 1], values[:n, :, first : column + 1],
-                attn_mask=mask, scale=weights.scaling, enable_gqa=True,
-            )  # fmt: skip
+            # One query a row: the queries sharing a key/value head form one small product with
+            # it, keys and values not repeated. SDPA's CPU kernel took twice as long for this
+            # (270 against 135 us a layer at 16 rows over 150 columns).
+            queries = q.reshape(n, kv_heads, group, head_dim)
+            scores = torch.matmul(queries, keys[:n, :, first : column + 1].transpose(-1, -2))
+            scores = scores.mul_(weights.scaling).add_(unseen)
+            out = torch.matmul(torch.softmax(scores, dim=-1), values[:n, :, first : column + 1])
+            return out.view(n, weights.heads, 1, head_dim)
 
         with torch.inference_mode():
             hidden = weights.forward(

@@ -65,8 +65,9 @@ class Settings(BaseSettings):
     """Seconds between checks of the database for a newly active version."""
     swap_preallocate: bool = True
     """Keep spare copies of the weights allocated, so that a swap writes into memory already
-    mapped instead of allocating it (about 1 s more on this machine). Each API process then
-    holds three copies of the weights: the base, the active version and one spare."""
+    mapped instead of allocating it (about 1 s more on this machine). Only where versions are
+    merged copies (architectures outside the Llama family): each API process then holds three
+    copies of the weights, the base, the active version and one spare."""
     rate_limit_generation: str | None = "120/minute"
     """Generation requests per API key (generate, translate, qa, completions), as `120/minute` or
     `10/second;1000/hour`; `none` or empty turns it off. Beyond it, a 429 with Retry-After."""

@@ -96,10 +96,6 @@ def _sample(logits: torch.Tensor, rows: list[Row]) -> list[int]:
     # One uniform draw per row from its own generator, so a seeded row's tokens do not depend
     # on the rows beside it; the token is where the draw falls in the row's nucleus.
     draws = torch.stack([torch.rand((), generator=rows[i].generator) for i in sampling])
-    # Sorting the whole vocabulary for every row costs more than the rest of a step; the
-    # nucleus almost always lies in the most likely few hundred tokens. Rows whose candidates
-    # do not hold their top_p mass get 8 times more, alone, so one flat distribution does not
-    # widen the whole batch; the result stays exactly top-p.
     chosen = torch.empty(len(sampling), dtype=torch.long)
     # top_p 1 (OpenAI's default) is the whole distribution: no nucleus to find, nothing to sort.
     whole = top_p >= 1.0
@@ -108,6 +104,10 @@ def _sample(logits: torch.Tensor, rows: list[Row]) -> list[int]:
         threshold = draws[whole][:, None] * cumulative[:, -1:]
         choice = torch.searchsorted(cumulative, threshold, right=True)
         chosen[whole] = choice.clamp(max=probs.shape[-1] - 1).squeeze(1)
+    # Sorting the whole vocabulary for every row costs more than the rest of a step; the
+    # nucleus almost always lies in the most likely few hundred tokens. Rows whose candidates
+    # do not hold their top_p mass get 8 times more, alone, so one flat distribution does not
+    # widen the whole batch; the result stays exactly top-p.
     pending, k = torch.arange(len(sampling))[~whole], CANDIDATES
     while pending.numel():
         k = min(k, probs.shape[-1])

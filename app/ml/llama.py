@@ -519,13 +519,14 @@ class LlamaDecoder:
         tokens. The start a prompt shares with a recent one is taken from the prefix store."""
         cache, weights, store = self.cache, self.weights, self.weights.prefixes
         token_lists = [p.tolist() for p in prompts]
-        common = token_lists[0][: min(len(t) for t in token_lists) - 1]
-        for tokens in token_lists[1:]:
-            common = common[: _shared(common, tokens)]
-        if len(prompts) > 1 and len(common) >= MIN_REUSE and not store.covers(common):
-            # Prompts arriving together that start alike (a system prompt not seen yet): that
-            # start is computed once, stored, and taken by each of them below.
-            LlamaDecoder(weights).prefill([torch.tensor(common)])
+        if len(prompts) > 1:
+            common = token_lists[0][: min(len(t) for t in token_lists) - 1]
+            for tokens in token_lists[1:]:
+                common = common[: _shared(common, tokens)]
+            if len(common) >= MIN_REUSE and not store.covers(common):
+                # Prompts arriving together that start alike (a system prompt not seen yet):
+                # that start is computed once, stored, and taken by each of them below.
+                LlamaDecoder(weights).prefill([torch.tensor(common)])
         found = [store.longest(tokens) for tokens in token_lists]
         reused = torch.tensor([n for _, n in found])
         lengths = torch.tensor([len(t) for t in token_lists])

@@ -88,8 +88,9 @@ def load_adapter_version(
     from app.ml.lora import merge_lora, read_lora
 
     verify_checkpoint(Path(row.path))
-    lora = read_lora(base.model, Path(row.path)) if base.llama is not None else None
-    adapted = base.llama.adapted(lora) if base.llama is not None and lora is not None else None
+    adapted = None
+    if base.llama is not None and (lora := read_lora(base.model, Path(row.path))) is not None:
+        adapted = base.llama.adapted(lora)
     if adapted is not None:
         return ServingVersion(
             row.id, row.name, base.model, base.tokenizer, shares_base=True, llama=adapted

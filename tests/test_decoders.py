@@ -299,6 +299,28 @@ def test_prompts_that_start_alike_reuse_stored_keys_and_give_the_model_s_logits(
             assert torch.allclose(row, expected(model, sequence), atol=1e-4, rtol=1e-4)
 
 
+def test_without_reuse_a_stored_prompt_is_computed_whole_and_repeats_its_first_pass() -> None:
+    """What seeded requests rely on: a prompt prefilled without reuse is computed whole even
+    though the store holds it, with the same logits, bit for bit, as its first pass."""
+    model = llama()
+    weights = LlamaWeights.of(model)
+    assert weights is not None
+    widths: list[int] = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, args: widths.append(args[0].shape[1])
+    )
+    prompt = torch.arange(3, 40)
+    first = LlamaDecoder(weights).prefill([prompt])
+    reused = LlamaDecoder(weights).prefill([prompt])
+    running = LlamaDecoder(weights)
+    running.prefill([torch.arange(50, 60)])
+    again = running.prefill([prompt], reuse=False)
+    hook.remove()
+    assert widths == [37, 1, 10, 37]
+    assert torch.equal(again, first)
+    assert torch.allclose(reused, first, atol=1e-5)
+
+
 def test_the_prefix_store_keeps_recent_prompts_within_its_budget() -> None:
     """A prompt replaces stored prompts it starts with; the least recently used go first."""
     store = PrefixStore(budget=30)

@@ -76,15 +76,16 @@ def test_a_failed_prefill_fails_its_request_and_the_batch_goes_on(
         hook.remove()
 
 
-def test_seeded_answers_do_not_depend_on_what_runs_beside(engine: Engine) -> None:
-    """Each request samples with its own generator: same seed, same answer, batched or alone."""
-    alone = submit(engine, "Pick words.", max_new_tokens=12, seed=7).result(30).text
-    others = [submit(engine, f"Other {i}", max_new_tokens=20, seed=i) for i in range(5)]
-    again = submit(engine, "Pick words.", max_new_tokens=12, seed=7)
-    assert again.result(30).text == alone
+def test_a_seeded_request_run_again_gives_the_same_answer(engine: Engine) -> None:
+    """Same seed and prompt, same answer, though the prefix store holds the prompt by then and
+    other requests ran in between; another seed, another answer."""
+    first = submit(engine, "Pick words.", max_new_tokens=24, seed=7).result(30).text
+    others = [submit(engine, f"Pick words. {i}", max_new_tokens=20) for i in range(5)]
     assert all(o.result(30).completion_tokens == 20 for o in others)
-    different = submit(engine, "Pick words.", max_new_tokens=12, seed=8).result(30).text
-    assert different != alone
+    for _ in range(3):
+        assert submit(engine, "Pick words.", max_new_tokens=24, seed=7).result(30).text == first
+    different = submit(engine, "Pick words.", max_new_tokens=24, seed=8).result(30).text
+    assert different != first
 
 
 def test_streamed_pieces_add_up_to_the_answer(engine: Engine) -> None:
@@ -222,10 +223,14 @@ def test_a_flat_row_widens_alone_and_every_row_draws_as_it_would_alone() -> None
     assert len(flat) > CANDIDATES
 
 
+def arrival(tokens: int, seed: int | None = None) -> SimpleNamespace:
+    return SimpleNamespace(prompt_tokens=tokens, params=SamplingParams(seed=seed))
+
+
 def test_arrivals_prefill_in_groups_of_similar_length() -> None:
     """Prompts within twice the shortest of a group share a forward pass; longer ones start a
-    new group, and no group passes PREFILL_TOKENS."""
-    streams = [SimpleNamespace(prompt_tokens=n) for n in (40, 900, 45, 70, 3000, 2000, 30)]
+    new group, no group passes PREFILL_TOKENS, and a seeded request is prefilled alone."""
+    streams = [arrival(n) for n in (40, 900, 45, 70, 3000, 2000, 30)]
     groups = prefill_groups(streams)  # type: ignore[arg-type]
     assert [[s.prompt_tokens for s in g] for g in groups] == [
         [30, 40, 45],
@@ -234,5 +239,8 @@ def test_arrivals_prefill_in_groups_of_similar_length() -> None:
         [2000],
         [3000],
     ]
-    many = [SimpleNamespace(prompt_tokens=1000) for _ in range(9)]
+    many = [arrival(1000) for _ in range(9)]
     assert [len(g) for g in prefill_groups(many)] == [4, 4, 1]  # type: ignore[arg-type]
+    mixed = [arrival(40), arrival(41, seed=1), arrival(42), arrival(43, seed=2), arrival(44)]
+    groups = prefill_groups(mixed)  # type: ignore[arg-type]
+    assert [[s.prompt_tokens for s in g] for g in groups] == [[40], [41], [42], [43], [44]]

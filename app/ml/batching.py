@@ -3,8 +3,13 @@
 New requests are prefilled (together when they arrive together), then join the batch at the
 next token boundary; a finished request leaves by dropping its row. The KV cache and forward
 passes belong to the batch's decoder (`app/ml/decoders.py`). Each row keeps its own sampling
-parameters, stop strings and random generator, so a seeded request gives the same answer
-whatever else runs beside it.
+parameters, stop strings and random generator, so other rows never shift a seeded request's
+random draws.
+
+A seeded request is prefilled in a pass of its own, its whole prompt computed, never taken from
+stored keys: run again, it repeats the same arithmetic and gives the same answer. Beside other
+rows its logits can differ in the last bits (a batched product or sum may add in another order
+than one row's), which can change a token; like OpenAI's `seed`, that part is best effort.
 """
 
 from __future__ import annotations
@@ -141,13 +146,15 @@ PREFILL_TOKENS = 4096
 
 def prefill_groups(streams: list[GenerationStream]) -> list[list[GenerationStream]]:
     """Requests to prefill together: by prompt length, so that padding stays under half of a
-    group's tokens and a group stays under PREFILL_TOKENS."""
+    group's tokens and a group stays under PREFILL_TOKENS; a seeded request alone."""
     groups: list[list[GenerationStream]] = []
     for stream in sorted(streams, key=lambda s: s.prompt_tokens):
         group = groups[-1] if groups else None
         width = stream.prompt_tokens
         if (
             group is None
+            or stream.params.seed is not None
+            or group[0].params.seed is not None
             or (len(group) + 1) * width > PREFILL_TOKENS
             or width > 2 * group[0].prompt_tokens
         ):
@@ -175,7 +182,8 @@ class Batch:
         for group in prefill_groups(streams):
             rows = [Row.of(stream) for stream in group]
             try:
-                logits = self.decoder.prefill([s.input_ids[0] for s in group])
+                seeded = group[0].params.seed is not None  # then alone: see the module's doc
+                logits = self.decoder.prefill([s.input_ids[0] for s in group], reuse=not seeded)
                 firsts = _sample(logits, rows)
             except Exception as exc:  # the batch goes on without them
                 log.exception("prefill failed")

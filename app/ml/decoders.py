@@ -25,8 +25,9 @@ class Decoder(Protocol):
         """Rows in the batch."""
         ...
 
-    def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
-        """Add one row per prompt (1-D token ids); logits of their last tokens."""
+    def prefill(self, prompts: list[torch.Tensor], reuse: bool = True) -> torch.Tensor:
+        """Add one row per prompt (1-D token ids); logits of their last tokens. Without `reuse`,
+        every prompt is computed whole, from no stored keys."""
         ...
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
@@ -78,8 +79,9 @@ class TransformersDecoder:
         """Rows in the batch."""
         return int(self.mask.shape[0])
 
-    def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
-        """Add one row per prompt, prefilled one at a time; logits of their last tokens."""
+    def prefill(self, prompts: list[torch.Tensor], reuse: bool = True) -> torch.Tensor:
+        """Add one row per prompt, prefilled one at a time and whole (nothing is stored to
+        reuse); logits of their last tokens."""
         before = self.cache, self.mask
         try:
             return torch.cat([self._prefill_one(prompt) for prompt in prompts])

@@ -514,12 +514,13 @@ class LlamaDecoder:
         """Rows in the batch."""
         return self.cache.rows
 
-    def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
+    def prefill(self, prompts: list[torch.Tensor], reuse: bool = True) -> torch.Tensor:
         """Add one row per prompt (1-D token ids), prefilled together; logits of their last
-        tokens. The start a prompt shares with a recent one is taken from the prefix store."""
+        tokens. With `reuse`, the start a prompt shares with a recent one is taken from the
+        prefix store; without, every prompt is computed whole (and still stored)."""
         cache, weights, store = self.cache, self.weights, self.weights.prefixes
         token_lists = [p.tolist() for p in prompts]
-        if len(prompts) > 1:
+        if reuse and len(prompts) > 1:
             common = token_lists[0][: min(len(t) for t in token_lists) - 1]
             for tokens in token_lists[1:]:
                 common = common[: _shared(common, tokens)]
@@ -527,7 +528,7 @@ class LlamaDecoder:
                 # Prompts arriving together that start alike (a system prompt not seen yet):
                 # that start is computed once, stored, and taken by each of them below.
                 LlamaDecoder(weights).prefill([torch.tensor(common)])
-        found = [store.longest(tokens) for tokens in token_lists]
+        found = [store.longest(tokens) if reuse else (None, 0) for tokens in token_lists]
         reused = torch.tensor([n for _, n in found])
         lengths = torch.tensor([len(t) for t in token_lists])
         computed = lengths - reused

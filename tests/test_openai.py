@@ -48,6 +48,7 @@ def test_chat_completion_is_recorded_and_can_be_rated(
     generation_id = answer.model_extra["generation_id"]  # type: ignore[index]
     stored = row(sessions, generation_id)
     assert answer.object == "chat.completion" and answer.model == "v0"
+    assert answer.system_fingerprint == "fp_v0_float32"  # the version and its dtype
     assert answer.choices[0].message.role == "assistant"
     assert answer.choices[0].message.content == stored.output
     assert answer.choices[0].finish_reason in ("stop", "length")
@@ -61,13 +62,17 @@ def test_chat_completion_is_recorded_and_can_be_rated(
 
 
 def test_completion_uses_the_prompt_as_is(client: OpenAI, sessions: Any) -> None:
-    """Text completions get no chat template; OpenAI's default length is 16 tokens."""
+    """Text completions get no chat template; OpenAI's default length is 16 tokens. The same
+    seed gives the same answer again, under the same system_fingerprint."""
     answer = client.completions.create(model="default", prompt="Once upon a time", seed=3)
     stored = row(sessions, answer.model_extra["generation_id"])  # type: ignore[index]
     assert answer.object == "text_completion"
     assert answer.choices[0].text == stored.output
     assert stored.task is Task.completion and stored.prompt == "Once upon a time"
     assert stored.completion_tokens <= 16 and stored.params["seed"] == 3
+    again = client.completions.create(model="default", prompt="Once upon a time", seed=3)
+    assert again.choices[0].text == answer.choices[0].text
+    assert again.system_fingerprint == answer.system_fingerprint == "fp_v0_float32"
 
 
 def test_streams_add_up_to_the_recorded_answer(client: OpenAI, sessions: Any) -> None:
@@ -82,6 +87,7 @@ def test_streams_add_up_to_the_recorded_answer(client: OpenAI, sessions: Any) ->
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
+    assert {c.system_fingerprint for c in chunks} == {"fp_v0_float32"}
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     last = chunks[-1]
     assert last.choices[0].finish_reason in ("stop", "length")

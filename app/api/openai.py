@@ -148,6 +148,7 @@ class _Started:
     record: Callable[[Completion], int]
     created: int
     model: str
+    fingerprint: str
 
 
 def _start(
@@ -164,7 +165,8 @@ def _start(
         ctx.sessions, lambda row: row.id,
         api_key_id=ctx.key.id, task=task, data=data, prompt=prompt, params=params,
     )  # fmt: skip
-    return _Started(stream, record, int(time.time()), stream.version.name)
+    version = stream.version
+    return _Started(stream, record, int(time.time()), version.name, version.fingerprint)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=STREAM_DOC)
@@ -177,7 +179,7 @@ def chat_completions(body: ChatCompletionRequest, ctx: GeneratingDep) -> Any:
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
             return {
                 "id": chunk_id, "object": "chat.completion.chunk", "created": run.created,
-                "model": run.model,
+                "model": run.model, "system_fingerprint": run.fingerprint,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }  # fmt: skip
 
@@ -186,6 +188,7 @@ def chat_completions(body: ChatCompletionRequest, ctx: GeneratingDep) -> Any:
     row_id = run.record(completion)
     return ChatCompletion(
         id=f"chatcmpl-{row_id}", created=run.created, model=run.model, generation_id=row_id,
+        system_fingerprint=run.fingerprint,
         choices=[ChatChoice(
             message=ChatChoiceMessage(content=completion.text),
             finish_reason=completion.finish_reason,
@@ -204,7 +207,7 @@ def completions(body: CompletionRequest, ctx: GeneratingDep) -> Any:
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
             return {
                 "id": chunk_id, "object": "text_completion", "created": run.created,
-                "model": run.model,
+                "model": run.model, "system_fingerprint": run.fingerprint,
                 "choices": [{
                     "index": 0, "text": delta.get("content", ""), "finish_reason": finish,
                     "logprobs": None,
@@ -216,6 +219,7 @@ def completions(body: CompletionRequest, ctx: GeneratingDep) -> Any:
     row_id = run.record(completion)
     return TextCompletion(
         id=f"cmpl-{row_id}", created=run.created, model=run.model, generation_id=row_id,
+        system_fingerprint=run.fingerprint,
         choices=[CompletionChoice(text=completion.text, finish_reason=completion.finish_reason)],
         usage=_usage(completion),
     )  # fmt: skip

@@ -43,6 +43,12 @@ class ServingVersion:
     given); None after construction: transformers' forward."""
     context_length: int = field(init=False)
 
+    @property
+    def fingerprint(self) -> str:
+        """The version and the dtype it computes in (OpenAI's `system_fingerprint`): a seeded
+        answer can change when this does."""
+        return f"fp_{self.name}_{str(self.model.dtype).removeprefix('torch.')}"
+
     def __post_init__(self) -> None:
         length = getattr(self.model.config, "max_position_embeddings", None) or 2048
         object.__setattr__(self, "context_length", int(length))

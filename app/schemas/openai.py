@@ -146,6 +146,8 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str
+    """The version and its dtype; with `seed`, tells when an answer may change."""
     choices: list[ChatChoice]
     usage: Usage
     generation_id: int
@@ -165,6 +167,7 @@ class TextCompletion(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str
     choices: list[CompletionChoice]
     usage: Usage
     generation_id: int

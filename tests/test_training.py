@@ -13,10 +13,14 @@ from safetensors.torch import load_file
 from sqlalchemy import select
 
 from app.config import Settings
+from app.ml.training_config import TokenBudget, TrainConfig
 from app.models import Comparison, Feedback, ModelVersion, RunStatus, TrainingRun, VersionStatus
+from app.services.datasets import KtoRow, PairRow
 from app.services.training import request_run
 from tests.conftest import reset_database
+from worker.training import train
 from worker.training.rounds import run_round
+from worker.training.train import micro_batches, train_adapter, truncate_row
 
 BETTER = "Certainly! Here is a short, friendly answer."
 # Rounds on the tiny model stay fast: few ratings, one pass, short gate answers.
@@ -169,10 +173,14 @@ def test_comparisons_train_too_and_rollback_by_activation(
         "/v1/comparisons", json={"generation_a": a, "generation_b": b, "winner": "b"}, headers=admin
     )
     run_id = start(sessions, {"train": FAST, "gate": QUICK_GATE})
-    run_round(sessions, settings, run_id)
+    assert run_round(sessions, settings, run_id) is RunStatus.succeeded
     with sessions() as session:
         run = session.get(TrainingRun, run_id)
         assert run is not None
+        active = session.scalars(
+            select(ModelVersion).where(ModelVersion.status == VersionStatus.active)
+        ).one()
+        assert active.name == "v1", run.reason  # the round promoted: v1 serves
         assert run.counts["train_pairs"] + run.counts["heldout_pairs"] == RATED + 1
         comparison = session.scalars(select(Comparison)).one()
         heldout = run.counts["heldout_pairs"] > 0 and comparison.used_in_run_id is None
@@ -217,3 +225,83 @@ def test_a_corrupt_version_is_refused_and_the_previous_keeps_serving(
     assert models["v0"]["status"] == "active" and models["v0"]["serving"]
     answer = client.post("/v1/generate", json={"prompt": "Hi", "max_new_tokens": 2}, headers=admin)
     assert answer.status_code == 200 and answer.json()["model_version"] == "v0"
+
+
+def test_training_rows_are_cut_by_the_shared_truncation_rule() -> None:
+    """TRL's tokenized rows get the gate's rule: the prompt's end, then each answer's start; a
+    prompt longer than max_length keeps its answer (TRL's own rule drops such a row)."""
+    budget = TokenBudget(max_length=16, max_prompt_length=6, batch_tokens=32)
+    prompt, long_answer = list(range(40)), list(range(100, 140))
+    kto = truncate_row(
+        {"prompt_ids": prompt, "completion_ids": long_answer, "KL_completion_ids": [1, 2],
+         "label": True},
+        budget,
+    )  # fmt: skip
+    assert kto == {
+        "prompt_ids": prompt[-6:], "completion_ids": long_answer[:10], "KL_completion_ids": [1, 2],
+        "label": True,
+    }  # fmt: skip
+    dpo = truncate_row(
+        {"prompt_ids": [1, 2], "chosen_ids": long_answer, "rejected_ids": [9]}, budget
+    )
+    assert dpo == {"prompt_ids": [1, 2], "chosen_ids": long_answer[:14], "rejected_ids": [9]}
+    for key in ("completion_ids", "chosen_ids"):
+        row = {"prompt_ids": prompt, key: long_answer}
+        assert truncate_row(row, budget)[key] == budget.truncate(prompt, long_answer)[1]
+
+
+def test_training_micro_batches_stay_within_the_token_budget() -> None:
+    """Rows per micro-batch fit batch_tokens at max_length; gradients accumulate to batch_size."""
+    assert micro_batches(TrainConfig(batch_size=8), TokenBudget()) == (8, 1)
+    budget = TokenBudget(max_length=512, max_prompt_length=256, batch_tokens=1024)
+    assert micro_batches(TrainConfig(batch_size=8), budget) == (2, 4)
+    assert micro_batches(TrainConfig(batch_size=5), budget) == (2, 3)
+
+
+def long_rows(count: int) -> tuple[list[KtoRow], list[PairRow]]:
+    """Maximal ratings: prompts and answers many times the budget's length."""
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    prompt = " ".join(f"context{j}" for j in range(200)) + " Question?"
+    answer = " ".join(f"answer{j}" for j in range(200))
+    kto = [KtoRow(f"{i} {prompt}", answer, i % 2 == 0, i, i, 1, now) for i in range(count)]
+    pairs = [
+        PairRow(f"{i} {prompt}", answer, "No. " + answer, "correction", i, 1, now)
+        for i in range(count)
+    ]
+    return kto, pairs
+
+
+def test_a_round_over_maximal_ratings_trains_within_the_budget(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KTO and DPO on rows far over the budget: every forward pass of the policy and the
+    reference holds at most max_length tokens a row and twice batch_tokens in all (DPO's chosen
+    and rejected; KTO's KL pairs), in micro-batches that accumulate to one optimiser step."""
+    from transformers import AutoTokenizer
+
+    budget = TokenBudget(max_length=64, max_prompt_length=32, batch_tokens=128)
+    shapes: list[tuple[int, int]] = []
+    load_base = train.load_base
+
+    def recording(path: Path) -> Any:
+        model = load_base(path)
+        model.get_decoder().register_forward_pre_hook(
+            lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+            with_kwargs=True,
+        )
+        return model
+
+    monkeypatch.setattr(train, "load_base", recording)
+    kto, pairs = long_rows(4)
+    config = TrainConfig(batch_size=4, epochs=1, learning_rate=1e-3)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    steps: list[int] = []
+    result = train_adapter(
+        tiny_model_dir, None, kto, pairs, config, tokenizer, steps.append, budget
+    )
+    assert shapes and max(width for _, width in shapes) == budget.max_length
+    assert all(rows * width <= 2 * budget.batch_tokens for rows, width in shapes), shapes
+    assert steps == [1, 1]  # one optimiser step per phase: 4 rows in 2 micro-batches of 2
+    assert {"kto_loss", "dpo_loss"} <= set(result.metrics)

@@ -6,13 +6,69 @@ worker records the values used on the run and in the version's manifest.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
+if TYPE_CHECKING:
+    from app.config import Settings
+
 _STRICT = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TokenBudget:
+    """Token limits shared by training, the gate and the API's correction cap; with the model's
+    size they bound the worker's peak memory (TRAINING_* settings, see `app/config.py`)."""
+
+    max_length: Annotated[int, Field(ge=16)] = 512
+    """Prompt plus answer tokens (EOS included) a rating is trained and scored on."""
+    max_prompt_length: Annotated[int, Field(ge=1)] = 256
+    """Prompt tokens kept, its last ones (where the question and the assistant's turn are); the
+    answer keeps its first `max_length` minus the kept prompt's length."""
+    batch_tokens: Annotated[int, Field(ge=32)] = 4096
+    """Padded tokens (rows x longest row) in one forward pass of the gate or one training
+    micro-batch; at least twice `max_length`, as KTO pairs rows within a micro-batch."""
+    chunk_tokens: Annotated[int, Field(ge=1)] = 256
+    """Positions projected to vocabulary logits at once when the gate scores log-probabilities."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TokenBudget:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be below max_length, to leave the answer room")
+        if self.batch_tokens < 2 * self.max_length:
+            raise ValueError("batch_tokens must be at least twice max_length (KTO pairs rows)")
+        return self
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenBudget:
+        """The budget the settings give."""
+        return cls(
+            max_length=settings.training_max_length,
+            max_prompt_length=settings.training_max_prompt_tokens,
+            batch_tokens=settings.training_batch_tokens,
+            chunk_tokens=settings.training_chunk_tokens,
+        )
+
+    @property
+    def max_answer_tokens(self) -> int:
+        """Longest answer text, in tokens, that is never cut whatever its prompt (EOS takes one)."""
+        return self.max_length - self.max_prompt_length - 1
+
+    def truncate(
+        self, prompt_ids: Sequence[int], answer_ids: Sequence[int]
+    ) -> tuple[list[int], list[int]]:
+        """The truncation rule: the prompt's last `max_prompt_length` tokens, then the answer's
+        first tokens up to `max_length` in all."""
+        prompt = list(prompt_ids[len(prompt_ids) - self.max_prompt_length :])
+        return prompt, list(answer_ids[: self.max_length - len(prompt)])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values."""
+        return asdict(self)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -33,11 +89,11 @@ class TrainConfig:
     moved it by a KL of 0.0009, far inside the gate's bound."""
     epochs: Annotated[int, Field(ge=1, le=100)] = 2
     batch_size: Annotated[int, Field(ge=2, le=256)] = 8
-    """KTO needs at least 2 per batch (its KL term pairs mismatched examples); TRL advises 4+."""
+    """Rows per optimiser step. KTO needs at least 2 per batch (its KL term pairs mismatched
+    examples); TRL advises 4+. Micro-batches hold at most TokenBudget.batch_tokens tokens, and
+    gradients accumulate over them up to this many rows."""
     beta: Annotated[float, Field(gt=0)] = 0.1
     """Strength of the pull towards the reference, which is always the original base model."""
-    max_length: Annotated[int, Field(ge=16)] = 512
-    """Prompt plus completion tokens; longer examples are truncated."""
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,6 +123,7 @@ class GateConfig:
     max_new_tokens: Annotated[int, Field(ge=1, le=512)] = 48
     """Tokens generated per fixed prompt."""
     batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+    """Fixed prompts generated together (held-out ratings are batched by token budget)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values."""

@@ -31,7 +31,12 @@ class FeedbackCreate(StrictModel):
     comment: Annotated[str | None, Field(max_length=4000)] = None
     correction: Annotated[
         NonBlank | None,
-        Field(max_length=16000, description="A better answer, written by the rater."),
+        Field(
+            max_length=16000,
+            description="A better answer, written by the rater: at most "
+            "TRAINING_MAX_LENGTH - TRAINING_MAX_PROMPT_TOKENS - 1 tokens (255 by default), so "
+            "that training never cuts it; a longer one is a 422 that says the limit.",
+        ),
     ] = None
 
     @model_validator(mode="after")

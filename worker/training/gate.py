@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from app.ml.training_config import GateConfig
+from app.ml.training_config import GateConfig, TokenBudget
 from app.services.datasets import KtoRow, PairRow
 
 FIXED_PROMPTS = (
@@ -36,33 +36,85 @@ class GateResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def encode(
+    tokenizer: Any, prompt: str, completion: str, budget: TokenBudget
+) -> tuple[list[int], int]:
+    """Prompt, completion and EOS as token ids cut by the truncation rule, and the prompt length."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
+    kept_prompt, kept_completion = budget.truncate(
+        prompt_ids, [*completion_ids, tokenizer.eos_token_id]
+    )
+    return kept_prompt + kept_completion, len(kept_prompt)
+
+
+def token_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices of rows, longest first, grouped so that rows x the longest stays within
+    `batch_tokens` (a longer row goes alone)."""
+    batches: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        batch = batches[-1] if batches else []
+        if batch and (len(batch) + 1) * lengths[batch[0]] <= batch_tokens:
+            batch.append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def _backbone_and_head(model: Any) -> tuple[Any, Any]:
+    """The decoder stack (LoRA layers included) and the output projection of a causal LM."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_decoder(), inner.get_output_embeddings()
+
+
+def _chunked_logprobs(
+    head: Any, states: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
+    """log p(target) at each position, projecting `chunk_tokens` positions to the vocabulary at a
+    time, so that logits never exceed [chunk_tokens, vocabulary]."""
+    out = torch.empty(len(targets))
+    for start in range(0, len(targets), chunk_tokens):
+        logits = head(states[start : start + chunk_tokens]).float()
+        picked = logits.gather(1, targets[start : start + chunk_tokens, None]).squeeze(1)
+        out[start : start + chunk_tokens] = picked - torch.logsumexp(logits, -1)
+    return out
+
+
 @torch.inference_mode()
 def completion_logprobs(
-    model: Any, tokenizer: Any, items: Sequence[tuple[str, str]], batch_size: int = 8
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[tuple[str, str]],
+    budget: TokenBudget = TokenBudget(),
 ) -> list[float]:
-    """Mean per-token log-probability of each completion (ending with EOS) after its prompt."""
-    scores: list[float] = []
-    eos = tokenizer.eos_token_id
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        sequences, prompt_lengths = [], []
-        for prompt, completion in batch:
-            prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-            completion_ids = [*tokenizer(completion, add_special_tokens=False).input_ids, eos]
-            sequences.append(prompt_ids + completion_ids)
-            prompt_lengths.append(len(prompt_ids))
-        width = max(map(len, sequences))
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        token_logprobs = logprobs.gather(2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        for row, (sequence, prompt_length) in enumerate(
-            zip(sequences, prompt_lengths, strict=True)
-        ):
-            span = token_logprobs[row, prompt_length - 1 : len(sequence) - 1]
-            scores.append(float(span.mean()))
+    """Mean per-token log-probability of each completion (ending with EOS) after its prompt, both
+    cut by the truncation rule, in batches of at most `budget.batch_tokens` padded tokens."""
+    encoded = [encode(tokenizer, prompt, completion, budget) for prompt, completion in items]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    backbone, head = _backbone_and_head(model)
+    scores = [0.0] * len(items)
+    for batch in token_batches([len(ids) for ids, _ in encoded], budget.batch_tokens):
+        width = len(encoded[batch[0]][0])
+        ids = torch.full((len(batch), width), pad)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        rows: list[int] = []
+        positions: list[int] = []
+        for row, index in enumerate(batch):
+            sequence, prompt_length = encoded[index]
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+            mask[row, : len(sequence)] = 1
+            # Position p predicts token p + 1; without a prompt the first token has no predictor.
+            span = range(max(prompt_length, 1) - 1, len(sequence) - 1)
+            rows += [row] * len(span)
+            positions += span
+        hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        row_index, position_index = torch.tensor(rows), torch.tensor(positions)
+        logprobs = _chunked_logprobs(
+            head, hidden[row_index, position_index], ids[row_index, position_index + 1],
+            budget.chunk_tokens,
+        )  # fmt: skip
+        for row, index in enumerate(batch):
+            scores[index] = float(logprobs[row_index == row].mean())
     return scores
 
 
@@ -95,9 +147,15 @@ def greedy_answers(
 
 @torch.inference_mode()
 def kl_to_base(
-    candidate: Any, tokenizer: Any, prompts: Sequence[str], answers: Sequence[list[int]]
+    candidate: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[list[int]],
+    chunk_tokens: int = TokenBudget().chunk_tokens,
 ) -> float:
-    """Mean per-token KL(candidate || base) along the candidate's own answers."""
+    """Mean per-token KL(candidate || base) along the candidate's own answers, projecting
+    `chunk_tokens` positions to the vocabulary at a time."""
+    backbone, head = _backbone_and_head(candidate)
     total, count = 0.0, 0
     for prompt, answer in zip(prompts, answers, strict=True):
         if not answer:
@@ -105,12 +163,16 @@ def kl_to_base(
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
         ids = torch.tensor([prompt_ids + answer])
         positions = slice(len(prompt_ids) - 1, ids.shape[1] - 1)
-        policy = torch.log_softmax(candidate(input_ids=ids).logits[0, positions].float(), -1)
+        policy_states = backbone(input_ids=ids, use_cache=False).last_hidden_state[0, positions]
         with candidate.disable_adapter():
-            base = torch.log_softmax(candidate(input_ids=ids).logits[0, positions].float(), -1)
-        kl = F.kl_div(base, policy, log_target=True, reduction="none").sum(-1)
-        total += float(kl.sum())
-        count += kl.numel()
+            base_states = backbone(input_ids=ids, use_cache=False).last_hidden_state[0, positions]
+        for start in range(0, len(answer), chunk_tokens):
+            chunk = slice(start, start + chunk_tokens)
+            policy = torch.log_softmax(head(policy_states[chunk]).float(), -1)
+            base = torch.log_softmax(head(base_states[chunk]).float(), -1)
+            kl = F.kl_div(base, policy, log_target=True, reduction="none").sum(-1)
+            total += float(kl.sum())
+            count += kl.numel()
     return total / count if count else 0.0
 
 
@@ -131,10 +193,10 @@ def evaluate(
     heldout_kto: Sequence[KtoRow],
     heldout_pairs: Sequence[PairRow],
     config: GateConfig,
+    budget: TokenBudget = TokenBudget(),
 ) -> GateResult:
     """Compare a candidate with the active version (None: the base, i.e. adapters disabled)."""
-    result = GateResult(passed=True, metrics={"gate": config.to_dict()})
-    metrics = result.metrics
+    metrics: dict[str, Any] = {"gate": config.to_dict(), "token_budget": budget.to_dict()}
 
     @contextlib.contextmanager
     def as_active() -> Iterator[Any]:
@@ -145,9 +207,9 @@ def evaluate(
                 yield candidate
 
     def score(items: list[tuple[str, str]]) -> tuple[list[float], list[float]]:
-        mine = completion_logprobs(candidate, tokenizer, items, config.batch_size)
+        mine = completion_logprobs(candidate, tokenizer, items, budget)
         with as_active() as model:
-            theirs = completion_logprobs(model, tokenizer, items, config.batch_size)
+            theirs = completion_logprobs(model, tokenizer, items, budget)
         return mine, theirs
 
     gains: list[tuple[float, int]] = []
@@ -171,49 +233,49 @@ def evaluate(
         pair_gain = _mean([m - t for m, t in zip(margin_mine, margin_theirs, strict=True)])
         metrics["pair_gain"] = pair_gain
         gains.append((pair_gain, len(heldout_pairs)))
-    if not gains:
-        result.passed = False
-        result.reasons.append("no held-out feedback to evaluate the candidate on")
-    else:
-        gain = sum(g * n for g, n in gains) / sum(n for _, n in gains)
-        metrics["preference_gain"] = gain
-        if gain <= config.min_preference_gain:
-            result.passed = False
-            result.reasons.append(
-                f"held-out preference gain {gain:.4f} is not above {config.min_preference_gain}: "
-                "the candidate does not prefer what raters preferred more than the active version"
-            )
+    if gains:
+        metrics["preference_gain"] = sum(g * n for g, n in gains) / sum(n for _, n in gains)
 
     prompts = [_render(tokenizer, p) for p in FIXED_PROMPTS]
     new = greedy_answers(candidate, tokenizer, prompts, config.max_new_tokens, config.batch_size)
     with as_active() as model:
         old = greedy_answers(model, tokenizer, prompts, config.max_new_tokens, config.batch_size)
-    kl = kl_to_base(candidate, tokenizer, prompts, new)
-    metrics["kl_to_base"] = kl
-    if kl > config.max_kl:
-        result.passed = False
-        result.reasons.append(f"KL to the base model {kl:.4f} exceeds {config.max_kl}")
-
+    metrics["kl_to_base"] = kl_to_base(candidate, tokenizer, prompts, new, budget.chunk_tokens)
     metrics["repetition"] = repetition(new)
     metrics["repetition_active"] = repetition(old)
-    repetition_limit = max(config.max_repetition, metrics["repetition_active"] + 0.1)
-    if metrics["repetition"] > repetition_limit:
-        result.passed = False
-        result.reasons.append(f"repeated text: {metrics['repetition']:.2f} of 4-grams repeat")
     metrics["empty_fraction"] = _mean([float(not tokenizer.decode(a).strip()) for a in new])
-    empty_active = _mean([float(not tokenizer.decode(a).strip()) for a in old])
-    if metrics["empty_fraction"] > max(config.max_empty_fraction, empty_active):
-        result.passed = False
-        result.reasons.append(
-            f"empty answers: {metrics['empty_fraction']:.2f} of the fixed prompts"
-        )
+    metrics["empty_fraction_active"] = _mean([float(not tokenizer.decode(a).strip()) for a in old])
     length_new, length_old = _mean([len(a) for a in new]), _mean([len(a) for a in old])
     ratio = length_new / length_old if length_old else (1.0 if not length_new else float("inf"))
     metrics["length_ratio"] = ratio
+    reasons = judge(metrics, config)
+    return GateResult(passed=not reasons, reasons=reasons, metrics=metrics)
+
+
+def judge(metrics: dict[str, Any], config: GateConfig) -> list[str]:
+    """Why the gate's numbers reject the candidate, in the order checked (none: it passes)."""
+    reasons: list[str] = []
+    gain = metrics.get("preference_gain")
+    if gain is None:
+        reasons.append("no held-out feedback to evaluate the candidate on")
+    elif gain <= config.min_preference_gain:
+        reasons.append(
+            f"held-out preference gain {gain:.4f} is not above {config.min_preference_gain}: "
+            "the candidate does not prefer what raters preferred more than the active version"
+        )
+    kl = metrics["kl_to_base"]
+    if kl > config.max_kl:
+        reasons.append(f"KL to the base model {kl:.4f} exceeds {config.max_kl}")
+    # Relative to the active version too: a model that already repeats is not blamed for it.
+    if metrics["repetition"] > max(config.max_repetition, metrics["repetition_active"] + 0.1):
+        reasons.append(f"repeated text: {metrics['repetition']:.2f} of 4-grams repeat")
+    empty = metrics["empty_fraction"]
+    if empty > max(config.max_empty_fraction, metrics["empty_fraction_active"]):
+        reasons.append(f"empty answers: {empty:.2f} of the fixed prompts")
+    ratio = metrics["length_ratio"]
     if not config.min_length_ratio <= ratio <= config.max_length_ratio:
-        result.passed = False
-        result.reasons.append(f"answer length drifted: {ratio:.2f} times the active version's")
-    return result
+        reasons.append(f"answer length drifted: {ratio:.2f} times the active version's")
+    return reasons
 
 
 def _render(tokenizer: Any, message: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback
 
-from app.ml.training_config import TrainConfig
+from app.ml.training_config import TokenBudget, TrainConfig
 from app.services.datasets import KtoRow, PairRow
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,37 @@ def kto_weights(rows: Sequence[KtoRow]) -> tuple[float, float]:
     return 1.0, 1.0
 
 
+ANSWER_KEYS = ("completion_ids", "KL_completion_ids", "chosen_ids", "rejected_ids")
+"""The answer columns of TRL's tokenized KTO and DPO rows, each after the row's `prompt_ids`."""
+
+
+def truncate_row(row: dict[str, Any], budget: TokenBudget) -> dict[str, Any]:
+    """A tokenized TRL row cut by the truncation rule: the kept prompt, then each answer."""
+    cut = {**row, "prompt_ids": budget.truncate(row["prompt_ids"], [])[0]}
+    for key in ANSWER_KEYS:
+        if key in row:
+            cut[key] = budget.truncate(row["prompt_ids"], row[key])[1]
+    return cut
+
+
+class _Truncating:
+    """Cuts each tokenized row by the budget's truncation rule before TRL's collator pads it."""
+
+    def __init__(self, collate: Callable[[list[dict[str, Any]]], Any], budget: TokenBudget) -> None:
+        self.collate = collate
+        self.budget = budget
+
+    def __call__(self, rows: list[dict[str, Any]]) -> Any:
+        return self.collate([truncate_row(row, self.budget) for row in rows])
+
+
+def micro_batches(config: TrainConfig, budget: TokenBudget) -> tuple[int, int]:
+    """(rows per micro-batch, micro-batches per optimiser step): at most `budget.batch_tokens`
+    tokens at once, about `config.batch_size` rows per step."""
+    rows = min(config.batch_size, budget.batch_tokens // budget.max_length)
+    return rows, math.ceil(config.batch_size / rows)
+
+
 def train_adapter(
     base_path: Path,
     parent_adapter: Path | None,
@@ -68,8 +100,10 @@ def train_adapter(
     config: TrainConfig,
     tokenizer: Any,
     on_step: Callable[[int], None] = lambda step: None,
+    budget: TokenBudget = TokenBudget(),
 ) -> TrainResult:
-    """Train a LoRA adapter (continuing `parent_adapter` when given) against the original base."""
+    """Train a LoRA adapter (continuing `parent_adapter` when given) against the original base,
+    on rows cut by the budget's truncation rule, in micro-batches within its token budget."""
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     torch.manual_seed(config.seed)
@@ -91,12 +125,17 @@ def train_adapter(
     for parameter in reference.parameters():
         parameter.requires_grad_(False)
 
+    rows, accumulation = micro_batches(config, budget)
     common: dict[str, Any] = {
-        "per_device_train_batch_size": config.batch_size,
+        "per_device_train_batch_size": rows,
+        "gradient_accumulation_steps": accumulation,
         "num_train_epochs": config.epochs,
         "learning_rate": config.learning_rate,
         "beta": config.beta,
-        "max_length": config.max_length,
+        # The budget truncates (keeping the prompt's end and the answer's start, see
+        # `_Truncating`); TRL's own rule keeps the start and drops rows whose prompt fills
+        # max_length, so a long prompt would lose its whole answer or the row.
+        "max_length": None,
         "seed": config.seed,
         "logging_steps": 1,
         "save_strategy": "no",
@@ -128,6 +167,7 @@ def train_adapter(
                 processing_class=tokenizer,
                 callbacks=callbacks,
             )
+            kto.data_collator = _Truncating(kto.data_collator, budget)
             kto.train()
             result.history += _steps(kto.state.log_history, "kto")
         if pair_rows:
@@ -139,6 +179,7 @@ def train_adapter(
                 processing_class=tokenizer,
                 callbacks=callbacks,
             )
+            dpo.data_collator = _Truncating(dpo.data_collator, budget)
             dpo.train()
             result.history += _steps(dpo.state.log_history, "dpo")
     result.metrics = _summary(result.history)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+
+import psycopg
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from app.db import Base, make_engine
 from app.migrate import alembic_config, is_current, upgrade
+from tests.conftest import PG_ADMIN_URL, reset_database
 
 
 @pytest.mark.parametrize("backend", ["pg_url", "sqlite_url"])
@@ -60,3 +66,75 @@ def test_app_refuses_an_unmigrated_database(
         TestClient(create_app(settings)),
     ):
         pass
+
+
+@pytest.mark.parametrize("backend", ["pg_url", "sqlite_url"])
+def test_the_database_refuses_a_second_active_version(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    """The partial unique index: any number of retired versions, never two active ones."""
+    url = request.getfixturevalue(backend)
+    reset_database(url)
+    engine = make_engine(url)
+    insert = text(
+        "INSERT INTO model_versions (name, kind, base_model, path, status, manifest, created_at) "
+        "VALUES (:name, 'base', 'm', 'p', :status, '{}', CURRENT_TIMESTAMP)"
+    )
+    try:
+        with engine.begin() as connection:
+            for name, status in [("v0", "retired"), ("v1", "retired"), ("v2", "active")]:
+                connection.execute(insert, {"name": name, "status": status})
+        with pytest.raises(IntegrityError), engine.begin() as connection:
+            connection.execute(insert, {"name": "v3", "status": "active"})
+    finally:
+        engine.dispose()
+        reset_database(url)
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def scratch_url(request: pytest.FixtureRequest, tmp_path: pytest.TempPathFactory) -> Iterator[str]:
+    """An empty database, not migrated yet."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/scratch.db"
+        return
+    name = f"flm_scratch_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_the_migration_keeps_only_the_version_activated_last(scratch_url: str) -> None:
+    """Two rows left active by the old code: a1c4e2f3b5d6 retires all but the newest activated."""
+    command.upgrade(alembic_config(scratch_url), "c502e4855b29")
+    engine = make_engine(scratch_url)
+    try:
+        with engine.begin() as connection:
+            for name, status, activated in [
+                ("v0", "active", "2026-01-01 00:00:00+00"),
+                ("v1", "active", "2026-01-03 00:00:00+00"),
+                ("v2", "active", None),
+                ("v3", "rejected", None),
+            ]:
+                connection.execute(
+                    text(
+                        "INSERT INTO model_versions (name, kind, base_model, path, status, "
+                        "manifest, created_at, activated_at) VALUES (:name, 'base', 'm', 'p', "
+                        ":status, '{}', CURRENT_TIMESTAMP, :activated)"
+                    ),
+                    {"name": name, "status": status, "activated": activated},
+                )
+        upgrade(scratch_url)
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text("SELECT name, status, status_reason FROM model_versions ORDER BY id")
+            ).all()
+        assert [(name, status) for name, status, _ in rows] == [
+            ("v0", "retired"), ("v1", "active"), ("v2", "retired"), ("v3", "rejected"),
+        ]  # fmt: skip
+        assert "a1c4e2f3b5d6" in rows[0][2] and rows[1][2] is None
+        assert is_current(engine)
+    finally:
+        engine.dispose()

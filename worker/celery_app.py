@@ -27,6 +27,15 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         timezone="UTC",
         broker_connection_retry_on_startup=True,
+        # Redis hands a task nobody acknowledged to another worker after this long: past the
+        # longest round, so a round still running is not handed out again (a copy that is finds
+        # the run taken and exits, but would hold a worker meanwhile). The embedded broker never
+        # hands one out twice, and passes these options to create_engine, which refuses them.
+        broker_transport_options=(
+            {"visibility_timeout": settings.training_visibility_timeout}
+            if settings.redis_url
+            else {}
+        ),
         result_expires=7 * 24 * 3600,
         beat_schedule={
             "training-round": {

@@ -17,7 +17,7 @@ def ping() -> dict[str, str]:
 
 @celery_app.task(name="training.run_round")
 def run_round(run_id: int) -> str:
-    """Run one queued training round."""
+    """Run one queued training round (a redelivered or duplicated copy finds it taken and exits)."""
     from worker.training.rounds import run_round as run  # torch, TRL: only in the worker
 
     return run(sessions(), settings, run_id).value
@@ -28,8 +28,9 @@ def scheduled_round() -> dict[str, object]:
     """Beat's round: queue one unless one is live, and run it here."""
     with sessions()() as session:
         run, created = request_run(
-            session, trigger="schedule", stale_after=settings.training_stale_after
-        )
+            session, trigger="schedule", stale_after=settings.training_stale_after,
+            max_row_failures=settings.training_max_row_failures,
+        )  # fmt: skip
     if not created:
         return {"run": run.id, "status": run.status.value, "note": "a round is already live"}
     return {"run": run.id, "status": run_round(run.id)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from app.deps import AdminKey, CurrentKey, SessionDep, SettingsDep
+from app.deps import RATE_LIMITED, AdminKey, CurrentKey, SessionDep, SettingsDep
 from app.models import ModelVersion
 from app.schemas.models import ModelList, ModelVersionPublic
 from app.services.notify import announce_activation
@@ -35,7 +35,7 @@ def _serving_id(request: Request) -> int | None:
     return int(registry.active.id) if registry.ready else None
 
 
-@router.get("/models", response_model=ModelList)
+@router.get("/models", response_model=ModelList, responses=RATE_LIMITED)
 def models(_: CurrentKey, session: SessionDep, request: Request) -> ModelList:
     """Every model version, the first base model first, and which one this process serves."""
     serving_id = _serving_id(request)

@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 
-from app.deps import AdminKey, CurrentKey, SessionDep, SettingsDep
+from app.deps import RATE_LIMITED, AdminKey, CurrentKey, SessionDep, SettingsDep
+from app.models import Role
 from app.schemas.training import TrainingRunCreate, TrainingRunPublic
 from app.services import training
 from app.services.queue import TaskQueue
@@ -45,23 +46,27 @@ def start_run(
     run, created = training.start_run(
         session, queue, requested_by_id=key.id, config=config,
         stale_after=settings.training_stale_after,
+        max_row_failures=settings.training_max_row_failures,
     )  # fmt: skip
     if not created:
         response.status_code = status.HTTP_200_OK
     return TrainingRunPublic.of(run)
 
 
-@router.get("/runs", response_model=list[TrainingRunPublic])
+@router.get("/runs", response_model=list[TrainingRunPublic], responses=RATE_LIMITED)
 def list_runs(
-    _: CurrentKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50
+    key: CurrentKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50
 ) -> list[TrainingRunPublic]:
-    """Training rounds, newest first."""
-    return [TrainingRunPublic.of(run) for run in training.list_runs(session, limit)]
+    """Training rounds, newest first (the raters each left out: admin keys only)."""
+    per_rater = key.role is Role.admin
+    runs = training.list_runs(session, limit)
+    return [TrainingRunPublic.of(run, per_rater=per_rater) for run in runs]
 
 
-@router.get("/runs/{run_id}", response_model=TrainingRunPublic)
+@router.get("/runs/{run_id}", response_model=TrainingRunPublic, responses=RATE_LIMITED)
 def get_run(
-    run_id: Annotated[int, Path(ge=1, le=2**31 - 1)], _: CurrentKey, session: SessionDep
+    run_id: Annotated[int, Path(ge=1, le=2**31 - 1)], key: CurrentKey, session: SessionDep
 ) -> TrainingRunPublic:
-    """One training round."""
-    return TrainingRunPublic.of(training.get_run(session, run_id))
+    """One training round (the raters it left out: admin keys only)."""
+    run = training.get_run(session, run_id)
+    return TrainingRunPublic.of(run, per_rater=key.role is Role.admin)

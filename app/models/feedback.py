@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, Enum, ForeignKey, Integer, Text, UniqueConstraint
+from sqlalchemy import CheckConstraint, Enum, ForeignKey, Integer, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, UTCDateTime, utcnow
@@ -46,6 +46,12 @@ class Feedback(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     used_in_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"), index=True)
     """The training round that trained on it; set only when that round ended."""
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    """Rounds that took it and failed in training or the gate (or lost their worker)."""
+    set_aside_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """When `failures` reached TRAINING_MAX_ROW_FAILURES: no round takes it any more."""
+    set_aside_reason: Mapped[str | None] = mapped_column(Text)
+    """Why: how many rounds failed with it, and the last one's error."""
 
 
 class Comparison(Base):
@@ -69,3 +75,9 @@ class Comparison(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     used_in_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"), index=True)
     """The training round that trained on it; set only when that round ended."""
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    """Rounds that took it and failed in training or the gate (or lost their worker)."""
+    set_aside_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """When `failures` reached TRAINING_MAX_ROW_FAILURES: no round takes it any more."""
+    set_aside_reason: Mapped[str | None] = mapped_column(Text)
+    """Why: how many rounds failed with it, and the last one's error."""

@@ -19,13 +19,15 @@ class RunStatus(enum.StrEnum):
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
-    """A candidate was made, passed the gate and is active."""
+    """A candidate was made and passed the gate; it is active unless the active version changed
+    during the round (an admin's choice wins; `reason` says so and it stays a candidate)."""
     rejected = "rejected"
     """A candidate was made but failed the gate; `reason` says which check."""
     skipped = "skipped"
     """Too little new feedback; nothing was trained and nothing marked used."""
     failed = "failed"
-    """An error or a lost worker; nothing was published and nothing marked used."""
+    """An error or a lost worker; nothing was published and nothing marked used (ratings it took
+    count a failure when it failed in training or the gate)."""
 
 
 LIVE_STATUSES = (RunStatus.queued, RunStatus.running)
@@ -52,6 +54,9 @@ class TrainingRun(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     """Training log per step (loss, KL, reward margins), for curves."""
+    data_ids: Mapped[dict[str, list[int]] | None] = mapped_column(JSON)
+    """Feedback and comparison ids the round took, train and held-out (`feedback`,
+    `comparisons`): the ratings charged when it fails."""
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -1,16 +1,18 @@
-"""Training runs as the API and CLI see them: start one (one at a time), list, read."""
+"""Training runs as the API and CLI see them: start one (one at a time), list, read; and every
+change of a run's status, each a compare-and-set on the status it expects."""
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import CursorResult, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
 from app.db import utcnow
-from app.models import RunStatus, TrainingRun
+from app.models import Comparison, Feedback, RunStatus, TrainingRun
 from app.services.errors import NotFound, Unavailable
 from app.services.queue import TaskQueue
 from app.services.versions import active_version
@@ -21,24 +23,117 @@ def live_run(session: Session) -> TrainingRun | None:
     return session.scalar(select(TrainingRun).where(TrainingRun.live.is_(True)))
 
 
-def fail_if_stale(session: Session, run: TrainingRun, stale_after: float) -> bool:
-    """Mark a running round whose worker stopped beating as failed; True when it was."""
+def transition(session: Session, run_id: int, expected: RunStatus, **values: Any) -> bool:
+    """Set `values` on the run only while its status is `expected`; True when it was (the caller
+    commits). The in-memory run, if loaded, reloads on next access."""
+    result = session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id == run_id, TrainingRun.status == expected)
+        .values(**values),
+        execution_options={"synchronize_session": False},
+    )
+    run = session.identity_map.get(identity_key(TrainingRun, run_id))
+    if run is not None:
+        session.expire(run)
+    return cast(CursorResult[Any], result).rowcount == 1
+
+
+def finish(
+    session: Session, run_id: int, expected: RunStatus, status: RunStatus, reason: str | None = None
+) -> bool:
+    """Move a run from `expected` to a final state; True when it was still `expected` (the
+    caller commits)."""
+    return transition(
+        session, run_id, expected, status=status, reason=reason, finished_at=utcnow(), live=None
+    )
+
+
+def claim(session: Session, run_id: int) -> bool:
+    """Take a queued run for this worker (commits); False when another copy of the task took it
+    or it is no longer queued."""
+    now = utcnow()
+    claimed = transition(
+        session, run_id, RunStatus.queued,
+        status=RunStatus.running, started_at=now, heartbeat_at=now,
+    )  # fmt: skip
+    session.commit()
+    return claimed
+
+
+def fail_if_stale(
+    session: Session, run: TrainingRun, stale_after: float, max_row_failures: int = 2
+) -> bool:
+    """Declare a running round whose worker stopped beating lost (commits), charging the ratings
+    it took (`charge_failure`); True when this call did."""
     if run.status is not RunStatus.running:
         return False
     last = run.heartbeat_at or run.started_at or run.created_at
-    if utcnow() - last < timedelta(seconds=stale_after):
+    cutoff = utcnow() - timedelta(seconds=stale_after)
+    if last >= cutoff:
         return False
-    finish(run, RunStatus.failed, f"worker lost: no heartbeat since {last.isoformat()}")
+    # Conditional on staleness too: a beat that landed since the read keeps the round alive.
+    lost = session.execute(
+        update(TrainingRun)
+        .where(
+            TrainingRun.id == run.id,
+            TrainingRun.status == RunStatus.running,
+            or_(TrainingRun.heartbeat_at.is_(None), TrainingRun.heartbeat_at < cutoff),
+        )
+        .values(
+            status=RunStatus.failed, finished_at=utcnow(), live=None,
+            reason=f"worker lost: no heartbeat since {last.isoformat()}",
+        ),
+        execution_options={"synchronize_session": False},
+    )  # fmt: skip
+    if cast(CursorResult[Any], lost).rowcount != 1:
+        session.rollback()
+        session.refresh(run)
+        return False
+    note = charge_failure(session, run.id, run.data_ids, max_row_failures)
+    if note:
+        transition(
+            session, run.id, RunStatus.failed,
+            reason=f"worker lost: no heartbeat since {last.isoformat()}; {note}",
+        )  # fmt: skip
     session.commit()
+    session.refresh(run)
     return True
 
 
-def finish(run: TrainingRun, status: RunStatus, reason: str | None = None) -> None:
-    """Put a run in a final state (the caller commits)."""
-    run.status = status
-    run.live = None
-    run.reason = reason
-    run.finished_at = utcnow()
+def charge_failure(
+    session: Session, run_id: int, data_ids: dict[str, list[int]] | None, limit: int
+) -> str | None:
+    """Count a failed round against every rating it took and set aside those that reach `limit`
+    (the caller commits); return what to add to the run's reason, if any were set aside."""
+    notes = []
+    for kind, model in (("feedback", Feedback), ("comparisons", Comparison)):
+        ids = (data_ids or {}).get(kind) or []
+        if not ids:
+            continue
+        fresh = [model.id.in_(ids), model.used_in_run_id.is_(None), model.set_aside_at.is_(None)]
+        session.execute(
+            update(model).where(*fresh).values(failures=model.failures + 1),
+            execution_options={"synchronize_session": False},
+        )
+        aside = list(session.scalars(select(model.id).where(*fresh, model.failures >= limit)))
+        if aside:
+            session.execute(
+                update(model)
+                .where(model.id.in_(aside))
+                .values(
+                    set_aside_at=utcnow(),
+                    set_aside_reason=f"in {limit} failed rounds (TRAINING_MAX_ROW_FAILURES), "
+                    f"the last run {run_id}",
+                ),
+                execution_options={"synchronize_session": False},
+            )
+            notes.append(f"{kind} {', '.join(map(str, sorted(aside)))}")
+    if not notes:
+        return None
+    return (
+        f"set aside the ratings in {limit} failed rounds (TRAINING_MAX_ROW_FAILURES), which no "
+        f"round takes any more: {'; '.join(notes)}"
+    )
 
 
 def request_run(
@@ -48,11 +143,14 @@ def request_run(
     requested_by_id: int | None = None,
     config: dict[str, Any] | None = None,
     stale_after: float = 600,
+    max_row_failures: int = 2,
 ) -> tuple[TrainingRun, bool]:
     """Queue a round unless one is live; return (run, created). The live one is returned instead."""
     for _ in range(2):
         current = live_run(session)
-        if current is not None and not fail_if_stale(session, current, stale_after):
+        if current is not None and not fail_if_stale(
+            session, current, stale_after, max_row_failures
+        ):
             return current, False
         active = active_version(session)
         run = TrainingRun(
@@ -83,18 +181,21 @@ def start_run(
     requested_by_id: int | None,
     config: dict[str, Any],
     stale_after: float,
+    max_row_failures: int = 2,
 ) -> tuple[TrainingRun, bool]:
     """Queue a round and hand it to a worker; the live round instead when there is one."""
     run, created = request_run(
         session, trigger="manual", requested_by_id=requested_by_id, config=config,
-        stale_after=stale_after,
+        stale_after=stale_after, max_row_failures=max_row_failures,
     )  # fmt: skip
     if created:
         try:
             queue.enqueue("training.run_round", run.id)
         except Exception as exc:  # broker down: do not leave a live round nobody will run
-            finish(run, RunStatus.failed, f"could not reach the task broker: {exc}")
+            reason = f"could not reach the task broker: {exc}"
+            finish(session, run.id, RunStatus.queued, RunStatus.failed, reason)
             session.commit()
+            session.refresh(run)
             raise Unavailable("the task broker is unavailable; try again shortly") from None
     return run, created
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -24,17 +25,56 @@ def active_version(session: Session) -> ModelVersion | None:
     return session.scalar(select(ModelVersion).where(ModelVersion.status == VersionStatus.active))
 
 
+def promote(
+    session: Session, version: ModelVersion, expected_id: int | None
+) -> ModelVersion | None:
+    """Compare-and-set: make `version` active if `expected_id` still is (None: if none is); else
+    return the version active instead and change nothing (the caller commits)."""
+    session.flush()
+    if expected_id is not None and expected_id != version.id:
+        # On PostgreSQL this waits for a concurrent activation to commit, then sees its outcome.
+        retired = _update(
+            session, [ModelVersion.id == expected_id, ModelVersion.status == VersionStatus.active],
+            status=VersionStatus.retired,
+        )  # fmt: skip
+        if not retired:
+            return active_version(session)
+    elif expected_id is None and (current := active_version(session)) is not None:
+        return current
+    # A race the checks above cannot see ends here: the unique index refuses a second active row.
+    _update(
+        session, [ModelVersion.id == version.id],
+        status=VersionStatus.active, status_reason=None, activated_at=utcnow(),
+    )  # fmt: skip
+    return None
+
+
 def activate(session: Session, version: ModelVersion) -> ModelVersion:
-    """Make `version` the active one and retire the previous active version (commits)."""
+    """Make `version` active in place of the version active now, as a compare-and-set (commits);
+    Conflict when another activation changed it meanwhile."""
     current = active_version(session)
-    if current is not None and current.id != version.id:
-        current.status = VersionStatus.retired
-        session.flush()
-    version.status = VersionStatus.active
-    version.status_reason = None
-    version.activated_at = utcnow()
-    session.commit()
-    return version
+    try:
+        winner = promote(session, version, current.id if current else None)
+        if winner is None:
+            session.commit()
+            return version
+    except IntegrityError:
+        winner = None
+    session.rollback()
+    now = f" ({winner.name} is active now)" if winner else ""
+    raise Conflict(f"the active version changed at the same moment{now}; try again")
+
+
+def _update(session: Session, where: list[Any], **values: Any) -> bool:
+    """One conditional UPDATE of model_versions; True when it changed a row."""
+    result = session.execute(
+        update(ModelVersion).where(*where).values(**values),
+        execution_options={"synchronize_session": False},
+    )
+    for row in session.identity_map.values():  # what the database now says, on next access
+        if isinstance(row, ModelVersion):
+            session.expire(row)
+    return cast(CursorResult[Any], result).rowcount > 0
 
 
 def activate_by_name(session: Session, name: str, base_model: str) -> ModelVersion:
@@ -109,7 +149,7 @@ def ensure_base_version(session: Session, base_model: str, path: str) -> ModelVe
             session.add(base)
             session.flush()
         activate(session, base)
-    except IntegrityError:  # another process registered it at the same moment
+    except (IntegrityError, Conflict):  # another process registered or activated at that moment
         session.rollback()
         return ensure_base_version(session, base_model, path)
     return base

@@ -1,19 +1,28 @@
-"""One training round from start to finish: data, training, gate, publication."""
+"""One training round from start to finish: data, training, gate, publication.
+
+A round is a state machine on its run's row: only the worker whose compare-and-set moved it from
+`queued` to `running` runs it, every later change is conditional on `running`, and a thread beats
+its heartbeat through every phase. A round that finds itself no longer `running` (declared lost
+by someone else) stops, publishes nothing and removes only its own files.
+"""
 
 from __future__ import annotations
 
 import logging
 import shutil
+import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db import utcnow
-from app.ml.checkpoints import remove_partials, write_checkpoint
-from app.ml.training_config import GateConfig, TrainConfig
+from app.ml.checkpoints import CorruptCheckpoint, read_manifest, remove_partials, write_checkpoint
+from app.ml.training_config import GateConfig, TokenBudget, TrainConfig
 from app.models import (
     Comparison,
     Feedback,
@@ -26,72 +35,176 @@ from app.models import (
 from app.models.training_run import LIVE_STATUSES
 from app.services.notify import announce_activation
 from app.services.serving import base_model_dir
-from app.services.training import finish
-from app.services.versions import activate, active_version, next_name
-from worker.training.dataset import build_round_data
+from app.services.training import charge_failure, claim, fail_if_stale, finish, transition
+from app.services.versions import active_version, next_name, promote
+from worker.training.dataset import RoundData, build_round_data
 from worker.training.gate import evaluate
 from worker.training.train import train_adapter
 
 log = logging.getLogger(__name__)
 
+CHARGED_PHASES = ("training", "gate")
+"""Phases whose failure may be a rating's doing: the ratings the round took are charged."""
+
+
+class RoundLost(Exception):
+    """The run is no longer `running`: someone else declared it lost."""
+
+
+class RatingsUsed(RuntimeError):
+    """Some of the round's ratings were used by another round meanwhile."""
+
+
+@dataclass
+class Progress:
+    """Where a round is, for its failure handler."""
+
+    phase: str = "data"
+    data_ids: dict[str, list[int]] | None = None
+
+
+class Heartbeat:
+    """Beats a running round's heartbeat from a thread until stopped; notes when it is lost."""
+
+    def __init__(self, sessions: sessionmaker[Session], run_id: int, interval: float) -> None:
+        self.sessions = sessions
+        self.run_id = run_id
+        self.interval = interval
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def check(self) -> None:
+        """Raise RoundLost once a beat found the run no longer running."""
+        if self.lost.is_set():
+            raise RoundLost(f"training run {self.run_id} is no longer running")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with self.sessions() as session:
+                    alive = transition(
+                        session, self.run_id, RunStatus.running, heartbeat_at=utcnow()
+                    )
+                    session.commit()
+            except Exception as exc:  # a database blip: the next beat retries; staleness decides
+                log.warning("heartbeat of training run %s failed: %s", self.run_id, exc)
+                continue
+            if not alive:
+                log.warning("training run %s is no longer running; stopping it", self.run_id)
+                self.lost.set()
+                return
+
 
 def run_round(sessions: sessionmaker[Session], settings: Settings, run_id: int) -> RunStatus:
-    """Run a queued round (or restart one whose worker was lost) and return its final status."""
+    """Run a queued round and return its final status; a copy of the task that finds the round
+    taken or finished exits at once with the status it found."""
     with sessions() as session:
         run = session.get(TrainingRun, run_id)
-        if run is None or run.status not in LIVE_STATUSES:
-            return run.status if run else RunStatus.failed
-        try:
-            return _run(session, settings, run)
-        except Exception as exc:
-            log.exception("training round %s failed", run_id)
-            session.rollback()
-            run = session.get(TrainingRun, run_id)
-            assert run is not None
-            finish(run, RunStatus.failed, f"{type(exc).__name__}: {exc}")
-            session.commit()
+        if run is None:
             return RunStatus.failed
+        if run.status is RunStatus.running:
+            # A redelivery after its worker died, or a duplicate of a live round: never a second
+            # run of it; a stale one is declared lost, so that the next round can start.
+            fail_if_stale(
+                session, run, settings.training_stale_after, settings.training_max_row_failures
+            )
+        if not claim(session, run_id):
+            session.refresh(run)
+            log.info("training run %s is %s, not queued: not running it", run_id, run.status)
+            return run.status
+    progress = Progress()
+    interval = min(settings.training_stale_after / 4, 30.0)
+    with Heartbeat(sessions, run_id, interval) as heartbeat, sessions() as session:
+        try:
+            return _run(session, settings, run_id, heartbeat, progress)
+        except RoundLost:
+            session.rollback()
+            log.warning("training run %s was declared lost; it published nothing", run_id)
+            status = session.scalar(select(TrainingRun.status).where(TrainingRun.id == run_id))
+            return status or RunStatus.failed
+        except Exception as exc:
+            log.exception("training round %s failed in %s", run_id, progress.phase)
+            session.rollback()
+            return _fail(session, settings, run_id, exc, progress)
 
 
-def _run(session: Session, settings: Settings, run: TrainingRun) -> RunStatus:
-    run.status = RunStatus.running
-    run.started_at = run.heartbeat_at = utcnow()
+def _fail(
+    session: Session, settings: Settings, run_id: int, exc: Exception, progress: Progress
+) -> RunStatus:
+    reason = f"{type(exc).__name__} in {progress.phase}: {exc}"
+    if not finish(session, run_id, RunStatus.running, RunStatus.failed, reason):
+        session.rollback()  # declared lost meanwhile: whoever did so charged the ratings
+        return RunStatus.failed
+    if progress.phase in CHARGED_PHASES:
+        limit = settings.training_max_row_failures
+        note = charge_failure(session, run_id, progress.data_ids, limit)
+        if note:
+            transition(session, run_id, RunStatus.failed, reason=f"{reason}; {note}")
+    session.commit()
+    return RunStatus.failed
+
+
+def _while_running(session: Session, run_id: int, **values: Any) -> None:
+    """Record `values` on the run, or raise RoundLost if it is no longer running."""
+    if not transition(session, run_id, RunStatus.running, **values):
+        raise RoundLost(f"training run {run_id} is no longer running")
+
+
+def _run(
+    session: Session, settings: Settings, run_id: int, heartbeat: Heartbeat, progress: Progress
+) -> RunStatus:
+    run = session.get(TrainingRun, run_id)
+    assert run is not None
     parent = active_version(session)
     if parent is None:
         raise RuntimeError("no active model version to train from")
-    run.parent_version_id = parent.id
     train_config = TrainConfig(**run.config.get("train", {}))
     gate_config = GateConfig(**run.config.get("gate", {}))
-    run.config = {"train": train_config.to_dict(), "gate": gate_config.to_dict()}
-    _remove_orphans(session, settings.versions_dir)
+    budget = TokenBudget.from_settings(settings)
+    _remove_orphans(session, settings.versions_dir, run_id)
     data = build_round_data(session, settings)
-    run.counts = data.counts()
+    progress.data_ids = taken_ids(data)
+    _while_running(
+        session, run_id, parent_version_id=parent.id, counts=data.counts(),
+        config={"train": train_config.to_dict(), "gate": gate_config.to_dict()},
+        data_ids=progress.data_ids,
+    )  # fmt: skip
     session.commit()
     if data.train_size < settings.training_min_items:
-        finish(
-            run,
-            RunStatus.skipped,
+        too_few = (
             f"only {data.train_size} new usable ratings to train on; the minimum is "
-            f"{settings.training_min_items} (TRAINING_MIN_ITEMS)",
+            f"{settings.training_min_items} (TRAINING_MIN_ITEMS)"
         )
+        if not finish(session, run_id, RunStatus.running, RunStatus.skipped, too_few):
+            raise RoundLost(f"training run {run_id} is no longer running")
         session.commit()
         return RunStatus.skipped
 
+    progress.phase = "training"
+    heartbeat.check()
     from transformers import AutoTokenizer  # heavy: only when a round really trains
 
     base_path = base_model_dir(settings)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     parent_adapter = Path(parent.path) if parent.kind is VersionKind.adapter else None
-
-    def beat(step: int) -> None:
-        session.execute(
-            update(TrainingRun).where(TrainingRun.id == run.id).values(heartbeat_at=utcnow())
-        )
-        session.commit()
-
     trained = train_adapter(
-        base_path, parent_adapter, data.train_kto, data.train_pairs, train_config, tokenizer, beat
-    )
+        base_path, parent_adapter, data.train_kto, data.train_pairs, train_config, tokenizer,
+        lambda step: heartbeat.check(), budget,
+    )  # fmt: skip
+
+    progress.phase = "gate"
+    heartbeat.check()
     active_model = None
     if parent_adapter is not None:
         from peft import PeftModel
@@ -100,11 +213,13 @@ def _run(session: Session, settings: Settings, run: TrainingRun) -> RunStatus:
 
         active_model = PeftModel.from_pretrained(load_base(base_path), parent_adapter).eval()
     verdict = evaluate(
-        trained.model, active_model, tokenizer, data.heldout_kto, data.heldout_pairs, gate_config
-    )
-    beat(-1)
+        trained.model, active_model, tokenizer, data.heldout_kto, data.heldout_pairs, gate_config,
+        budget,
+    )  # fmt: skip
     metrics: dict[str, Any] = {**trained.metrics, **verdict.metrics, "passed": verdict.passed}
 
+    progress.phase = "publishing"
+    heartbeat.check()
     name = next_name(session)
     feedback_ids, comparison_ids = data.used_ids()
     manifest = {
@@ -112,7 +227,7 @@ def _run(session: Session, settings: Settings, run: TrainingRun) -> RunStatus:
         "kind": "adapter",
         "base_model": settings.model,
         "parent": parent.name,
-        "training_run": run.id,
+        "training_run": run_id,
         "hyperparameters": train_config.to_dict(),
         "data": {"feedback_ids": sorted(feedback_ids), "comparison_ids": sorted(comparison_ids)},
         "metrics": metrics,
@@ -120,8 +235,43 @@ def _run(session: Session, settings: Settings, run: TrainingRun) -> RunStatus:
     path = write_checkpoint(
         settings.versions_dir, name, lambda d: trained.model.save_pretrained(str(d)), manifest
     )
-    # One transaction: the version, the used feedback and the run's outcome land together or not
-    # at all; the checkpoint directory without its row is an orphan the next round removes.
+    try:
+        # One transaction: the version, the used ratings and the run's outcome land together or
+        # not at all.
+        version, status, reason = _publish(
+            session, settings, run_id, parent, name, path, manifest, verdict.reasons, data
+        )
+        _while_running(
+            session, run_id, status=status, reason=reason, finished_at=utcnow(), live=None,
+            version_id=version.id, metrics=metrics, history=trained.history,
+        )  # fmt: skip
+        session.commit()
+    except BaseException:
+        session.rollback()
+        shutil.rmtree(path, ignore_errors=True)  # this round's own directory, nothing else
+        raise
+    if version.status is VersionStatus.active:
+        announce_activation(settings.redis_url, version.id)
+    return status
+
+
+def _publish(
+    session: Session,
+    settings: Settings,
+    run_id: int,
+    parent: ModelVersion,
+    name: str,
+    path: Path,
+    manifest: dict[str, Any],
+    gate_reasons: list[str],
+    data: RoundData,
+) -> tuple[ModelVersion, RunStatus, str | None]:
+    """Add the version and mark its ratings used; promote it if it passed the gate and the
+    active version is still its parent (the caller commits)."""
+    # The run's row first: it stays locked until the commit, so nobody declares the round lost
+    # halfway (the same order as fail_if_stale: the run, then the ratings).
+    _while_running(session, run_id, heartbeat_at=utcnow())
+    parent_name = parent.name
     version = ModelVersion(
         name=name,
         kind=VersionKind.adapter,
@@ -133,46 +283,78 @@ def _run(session: Session, settings: Settings, run: TrainingRun) -> RunStatus:
     )
     session.add(version)
     session.flush()
-    _mark_used(session, feedback_ids, comparison_ids, run.id)
-    run.version_id = version.id
-    run.metrics = metrics
-    run.history = trained.history
-    if verdict.passed:
-        finish(run, RunStatus.succeeded)
-        activate(session, version)  # commits
-        announce_activation(settings.redis_url, version.id)
-        return RunStatus.succeeded
-    reason = "; ".join(verdict.reasons)
-    version.status = VersionStatus.rejected
+    mark_used(session, *data.used_ids(), run_id)
+    if gate_reasons:
+        reason = "; ".join(gate_reasons)
+        version.status, version.status_reason = VersionStatus.rejected, reason
+        return version, RunStatus.rejected, reason
+    winner = promote(session, version, parent.id)
+    if winner is None:
+        return version, RunStatus.succeeded, None
+    reason = (
+        f"not promoted: an admin activated {winner.name} during the round (it started from "
+        f"{parent_name}); {name} stays a candidate"
+    )
     version.status_reason = reason
-    finish(run, RunStatus.rejected, reason)
-    session.commit()
-    return RunStatus.rejected
+    return version, RunStatus.succeeded, reason
 
 
-def _mark_used(
+def taken_ids(data: RoundData) -> dict[str, list[int]]:
+    """Every rating the round computes on, train and held-out: those a failure is charged to."""
+    feedback = {row.feedback_id for row in [*data.train_kto, *data.heldout_kto]}
+    pairs = [*data.train_pairs, *data.heldout_pairs]
+    feedback |= {row.source_id for row in pairs if row.source == "correction"}
+    comparisons = {row.source_id for row in pairs if row.source == "comparison"}
+    return {"feedback": sorted(feedback), "comparisons": sorted(comparisons)}
+
+
+def mark_used(
     session: Session, feedback_ids: set[int], comparison_ids: set[int], run_id: int
 ) -> None:
-    if feedback_ids:
-        session.execute(
-            update(Feedback).where(Feedback.id.in_(feedback_ids)).values(used_in_run_id=run_id)
+    """Mark the round's training ratings used, each only while no round has used it yet."""
+    for model, ids in ((Feedback, feedback_ids), (Comparison, comparison_ids)):
+        if not ids:
+            continue
+        result = session.execute(
+            update(model)
+            .where(model.id.in_(ids), model.used_in_run_id.is_(None))
+            .values(used_in_run_id=run_id),
+            execution_options={"synchronize_session": False},
         )
-    if comparison_ids:
-        session.execute(
-            update(Comparison)
-            .where(Comparison.id.in_(comparison_ids))
-            .values(used_in_run_id=run_id)
-        )
+        marked = cast(CursorResult[Any], result).rowcount
+        if marked != len(ids):
+            raise RatingsUsed(
+                f"{len(ids) - marked} of the round's {len(ids)} {model.__tablename__} ratings "
+                "were used by another round meanwhile"
+            )
 
 
-def _remove_orphans(session: Session, versions_dir: Path) -> None:
-    """Delete partial writes and version directories no database row knows (a crash's leftovers)."""
+def _remove_orphans(session: Session, versions_dir: Path, own_run: int | None = None) -> None:
+    """Delete partial writes, and version directories no database row knows unless a live run
+    other than `own_run` (which has written nothing yet) wrote them: a crash's leftovers."""
+    # Partials cannot name their run; only the one live round calls this, before it writes, so
+    # every partial is a run's that is no longer live.
     for partial in remove_partials(versions_dir):
         log.warning("removed the partial version directory %s", partial)
     if not versions_dir.is_dir():
         return
     known = set(session.scalars(select(ModelVersion.name)))
+    live = set(session.scalars(select(TrainingRun.id).where(TrainingRun.status.in_(LIVE_STATUSES))))
     for directory in versions_dir.iterdir():
-        if directory.is_dir() and directory.name not in known:
-            log.warning("removed %s: no model version refers to it", directory)
-            shutil.rmtree(directory, ignore_errors=True)
+        if not directory.is_dir() or directory.name in known:
+            continue
+        writer = _writer(directory)
+        if writer in live and writer != own_run:
+            log.info("kept %s: live training run %s is publishing it", directory, writer)
+            continue
+        log.warning("removed %s: no model version refers to it", directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _writer(directory: Path) -> int | None:
+    """The training run a version directory's manifest names, if any."""
+    try:
+        run = read_manifest(directory).get("training_run")
+    except (CorruptCheckpoint, OSError):
+        return None
+    return run if isinstance(run, int) else None

@@ -49,7 +49,7 @@ format: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-## key: create an API key (ROLE=user|admin NAME=...)
+## key: create an API key (ROLE=user|rater|admin NAME=...)
 key: $(STAMP)
 	$(PY) -m app.cli keys create --role $(or $(ROLE),user) --name $(or $(NAME),cli)
 

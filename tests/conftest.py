@@ -17,6 +17,7 @@ import psycopg
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from sqlalchemy import text
 
 from app.config import Settings
@@ -30,6 +31,23 @@ CACHE = Path(os.environ.get("FEEDBACK_LM_TEST_CACHE", ROOT / ".cache"))
 PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_TEST_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 ADMIN_KEY = "test-admin-key-0123456789"
+
+
+class IsolatedSettings(Settings):
+    """Settings made only from what a test passes: never from the caller's environment (MODEL,
+    RATE_LIMIT_*, REDIS_URL, ...) nor from a `.env` file, so a developer's shell cannot change
+    what the suite tests."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
@@ -139,9 +157,9 @@ def _has_sqlite_sequence(conn: object) -> bool:
 
 @pytest.fixture
 def settings(db_url: str, tiny_model_dir: Path, tmp_path: Path) -> Settings:
-    """Settings for one test: its own data directory, the tiny model, a known admin key."""
-    return Settings(
-        _env_file=None,  # type: ignore[call-arg]
+    """Settings for one test: its own data directory, the tiny model, a known admin key; the
+    rest are the defaults, whatever the environment or a `.env` file say."""
+    return IsolatedSettings(
         data_dir=tmp_path / "data",
         database_url=db_url,
         model=str(tiny_model_dir),

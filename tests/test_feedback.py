@@ -26,8 +26,8 @@ def generate(client: TestClient, headers: Headers, prompt: str, seed: int = 1) -
 
 
 def new_key(client: TestClient, admin: Headers, name: str) -> Headers:
-    """Headers of another fresh user key."""
-    response = client.post("/v1/keys", json={"name": name}, headers=admin)
+    """Headers of a fresh rater key: it rates everyone's generations (a user key only its own)."""
+    response = client.post("/v1/keys", json={"name": name, "role": "rater"}, headers=admin)
     assert response.status_code == 201, response.text
     return {"Authorization": f"Bearer {response.json()['key']}"}
 
@@ -416,7 +416,8 @@ def test_bad_comparison_fields_are_named(
 def test_export_turns_ratings_into_exact_trl_rows(
     client: TestClient, user: Headers, admin: Headers
 ) -> None:
-    """Each format holds exactly the rows the documented rules give, in rating order."""
+    """Each format holds exactly the rows the documented rules give, in rating order (exported by
+    a rater key, which sees every rating)."""
     other = new_key(client, admin, "second rater")
     g = {
         "colour1": generate(client, user, "Name a colour.", seed=1),
@@ -458,20 +459,20 @@ def test_export_turns_ratings_into_exact_trl_rows(
     def out(name: str) -> str:
         return str(g[name]["output"])
 
-    assert export(client, user, "kto") == [
+    assert export(client, other, "kto") == [
         {"prompt": p("colour1"), "completion": out("colour1"), "label": True},
         {"prompt": p("colour2"), "completion": out("colour2"), "label": False},
         {"prompt": p("city"), "completion": out("city"), "label": False},
         {"prompt": p("city"), "completion": out("city"), "label": True},
         {"prompt": p("joke"), "completion": out("joke"), "label": True},
     ]
-    assert export(client, user, "dpo") == [
+    assert export(client, other, "dpo") == [
         {"prompt": p("colour1"), "chosen": out("colour2"), "rejected": out("colour1")},
         {"prompt": p("count1"), "chosen": out("count2"), "rejected": out("count1")},
         {"prompt": p("city"), "chosen": "Paris.", "rejected": out("city")},
         {"prompt": p("poem"), "chosen": "Roses are red.", "rejected": out("poem")},
     ]
-    assert export(client, user, "sft") == [
+    assert export(client, other, "sft") == [
         {"prompt": p("colour1"), "completion": out("colour1")},
         {"prompt": p("city"), "completion": out("city")},
         {"prompt": p("joke"), "completion": out("joke")},

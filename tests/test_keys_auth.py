@@ -390,3 +390,23 @@ def test_cli_creates_lists_and_revokes_keys(
     unknown = cli(settings, data_dir, "keys", "revoke", "999999")
     assert unknown.returncode != 0
     assert "999999" in unknown.stderr
+
+
+def test_cli_and_make_create_rater_keys(
+    client: TestClient, settings: Settings, tmp_path: Path
+) -> None:
+    """`make key ROLE=rater` (which runs `keys create --role rater`) makes a working rater key,
+    which manages nothing."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "keys create --role $(or $(ROLE),user)" in makefile
+    assert "ROLE=user|rater|admin" in makefile
+    if not settings.sqlalchemy_url.startswith("sqlite"):
+        pytest.skip("the CLI runs on the SQLite backend only")
+    created = cli(
+        settings, tmp_path / "cli-data", "keys", "create", "--name", "r", "--role", "rater"
+    )
+    assert created.returncode == 0, created.stderr
+    assert re.match(r"created key \d+ \(rater\) 'r'", created.stdout), created.stdout
+    secret = created.stdout.strip().splitlines()[-1].strip()
+    assert client.get("/v1/keys/me", headers=bearer(secret)).json()["role"] == "rater"
+    assert client.get("/v1/keys", headers=bearer(secret)).status_code == 403

@@ -316,7 +316,7 @@ def _round_outcome(settings: Settings, with_attacker: bool) -> dict[str, Any]:
     with TestClient(create_app(settings)) as client:
         keys = []
         for name in ("honest-0", "honest-1", "honest-2", "attacker"):
-            created = client.post("/v1/keys", json={"name": name, "role": "user"}, headers=ADMIN)
+            created = client.post("/v1/keys", json={"name": name, "role": "rater"}, headers=ADMIN)
             keys.append({"Authorization": f"Bearer {created.json()['key']}"})
         generations = [
             client.post(

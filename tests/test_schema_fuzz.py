@@ -25,9 +25,8 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
 )
 
-from app.config import Settings
 from app.main import create_app
-from tests.conftest import ADMIN_KEY, reset_database
+from tests.conftest import ADMIN_KEY, IsolatedSettings, reset_database
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "8"))
 """Examples per operation in the fuzzing phase (schemathesis adds its examples and boundaries)."""
@@ -55,7 +54,7 @@ STATUSES: Counter[tuple[str, int]] = Counter()
 # ('Function' object has no attribute '_nodeid', schemathesis 4.32.5).
 schema = schemathesis.openapi.from_dict(
     create_app(
-        Settings(_env_file=None, data_dir=Path(tempfile.gettempdir()), admin_api_key=ADMIN_KEY)  # type: ignore[call-arg]
+        IsolatedSettings(data_dir=Path(tempfile.gettempdir()), admin_api_key=ADMIN_KEY)
     ).openapi()
 )
 
@@ -69,8 +68,7 @@ def server(
         "pg_url" if request.param == "postgresql" else "sqlite_url"
     )
     reset_database(db_url)
-    app_settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+    app_settings = IsolatedSettings(
         data_dir=tmp_path_factory.mktemp("fuzz"),
         database_url=db_url,
         model=str(tiny_model_dir),
@@ -80,6 +78,7 @@ def server(
         # One key sends every case: limits would answer most of them with 429.
         rate_limit_generation=None,
         rate_limit_feedback=None,
+        rate_limit_read=None,
     )
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -20,7 +20,7 @@ from app.models import (
     VersionKind,
     VersionStatus,
 )
-from app.services import leaderboard
+from app.services import leaderboard, stats
 from app.services.stats import wilson_interval
 
 Sessions = sessionmaker[Session]
@@ -40,8 +40,8 @@ def generate(client: TestClient, headers: Headers, prompt: str, seed: int) -> in
 
 
 def new_key(client: TestClient, admin: Headers, name: str) -> Headers:
-    """Headers of another fresh user key."""
-    response = client.post("/v1/keys", json={"name": name}, headers=admin)
+    """Headers of a fresh rater key (it rates everyone's generations, as a second rater does)."""
+    response = client.post("/v1/keys", json={"name": name, "role": "rater"}, headers=admin)
     assert response.status_code == 201, response.text
     return {"Authorization": f"Bearer {response.json()['key']}"}
 
@@ -437,3 +437,76 @@ def test_empty_database(client: TestClient, user: Headers) -> None:
     daily = get(client, user, "daily", days=366)
     assert len(daily["days"]) == 366 and daily["approval"] == []
     assert all(d["ratings"] == d["comparisons"] == 0 for d in daily["days"])
+
+
+# --- caching --------------------------------------------------------------------------------
+
+
+def test_figures_are_kept_until_the_data_changes(
+    client: TestClient, user: Headers, admin: Headers, sessions: Sessions,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The dashboard asks every 15 s: the leaderboard's bootstrap and the per-version figures
+    are computed once per state of the data, and again as soon as a rating, a comparison, a
+    generation or a version changes (only what each figure depends on)."""
+    calls = {"bootstrap": 0, "versions": 0, "daily": 0}
+
+    def counting(name: str, function: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(
+        leaderboard, "bootstrap_scores", counting("bootstrap", leaderboard.bootstrap_scores)
+    )
+    monkeypatch.setattr(stats, "version_stats", counting("versions", stats.version_stats))
+    monkeypatch.setattr(stats, "daily", counting("daily", stats.daily))
+    rater = new_key(client, admin, "rater")
+    g = [generate(client, user, "Name a stone.", seed) for seed in range(1, 5)]
+    add_version(sessions, "v1", VersionStatus.retired)
+    attribute(sessions, g[2:], "v1")
+    compare(client, rater, g[0], g[2], "b")
+
+    def figures() -> tuple[Any, Any, Any]:
+        return (
+            get(client, user, "leaderboard", samples=50),
+            get(client, user, "versions")["data"],
+            get(client, user, "daily", days=3),
+        )
+
+    board, versions, daily = figures()
+    for _ in range(3):
+        assert figures() == (board, versions, daily)
+    assert calls == {"bootstrap": 1, "versions": 1, "daily": 1}
+    assert get(client, user, "leaderboard", samples=60)["comparisons"] == 1  # other samples
+    assert calls["bootstrap"] == 2
+
+    generate(client, user, "Name a stone.", 9)  # a new generation: traffic, not the board
+    board2, versions2, daily2 = figures()
+    assert (board2, daily2) == (board, daily) and calls["bootstrap"] == 2
+    assert versions2[0]["generations"] == versions[0]["generations"] + 1
+
+    compare(client, rater, g[1], g[3], "a")  # a new comparison
+    board3, _, daily3 = figures()
+    assert board3["comparisons"] == 2 and calls["bootstrap"] == 3
+    assert daily3["days"][-1]["comparisons"] == 2
+
+    body = {"generation_a": g[1], "generation_b": g[3], "winner": "b"}  # that choice changed
+    assert client.post("/v1/comparisons", json=body, headers=rater).status_code == 200
+    board4, versions4, _ = figures()
+    assert calls["bootstrap"] == 4
+    assert {r["name"]: r["wins"] for r in board4["data"]} == {"v1": 2, "v0": 0}
+    assert versions4[1]["wins"] == 2
+
+    rate(client, rater, g[0], thumbs="up")  # a new rating
+    _, versions5, daily5 = figures()
+    assert versions5[0]["ratings"] == 1 and daily5["days"][-1]["ratings"] == 1
+    assert calls["bootstrap"] == 4  # ratings do not move the leaderboard
+
+    with sessions() as session:  # a version's status changed (an activation, a refusal)
+        version = session.scalars(select(ModelVersion).where(ModelVersion.name == "v1")).one()
+        version.status = VersionStatus.refused
+        session.commit()
+    assert get(client, user, "versions")["data"][1]["status"] == "refused"

@@ -197,7 +197,8 @@ def test_every_task_and_a_clear_error(page: Page, live: str, sessions: Any) -> N
 def test_queue_shows_unrated_answers_as_text_one_after_another(
     page: Page, live: str, sessions: Any
 ) -> None:
-    """Unrated answers from all traffic, newest first; markup in an answer is shown, never run."""
+    """Unrated answers from all traffic (a rater key's queue), newest first; markup in an answer
+    is shown, never run."""
     ids = []
     for i in range(3):
         body = {"prompt": f"Tell me fact number {i}.", "max_new_tokens": 4, "seed": i}
@@ -210,7 +211,7 @@ def test_queue_shows_unrated_answers_as_text_one_after_another(
         f"{live}/v1/feedback", json={"generation_id": ids[0], "thumbs": "up"}, headers=ADMIN
     )  # already rated: not in the queue
 
-    sign_in(page, live, new_key(live))
+    sign_in(page, live, new_key(live, role="rater"))
     page.click("[data-mode=queue]")
     expect(page.locator("#answer-task")).to_contain_text(f"generation #{ids[2]}")
     expect(page.locator("#output")).to_have_text(HOSTILE)

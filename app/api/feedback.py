@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator
 from enum import StrEnum
+from typing import Annotated
 
-from fastapi import APIRouter, Response, status
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi.responses import StreamingResponse
 
-from app.deps import RATE_LIMITED, CurrentKey, FeedbackLimit, SessionDep
+from app.deps import RATE_LIMITED, CurrentKey, FeedbackLimit, SessionDep, SessionsDep
+from app.ml.training_config import TokenBudget
 from app.schemas.feedback import ComparisonCreate, ComparisonPublic, FeedbackCreate, FeedbackPublic
 from app.services import datasets
-from app.services.datasets import TrlRow
-from app.services.feedback import Rating, compare, rate
+from app.services.feedback import Rating, TokenCap, compare, rate
+from app.services.keys import visible_owner
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
+
+
+def correction_cap(request: Request) -> TokenCap:
+    """The training budget's answer room, counted by the tokenizer of the version serving."""
+    registry = request.app.state.registry
+
+    def count(text: str) -> int:
+        return len(registry.active.tokenizer(text, add_special_tokens=False).input_ids)
+
+    budget = TokenBudget.from_settings(request.app.state.settings)
+    return TokenCap(count, budget.max_answer_tokens)
 
 
 @router.post(
@@ -29,11 +41,19 @@ router = APIRouter(prefix="/v1", tags=["feedback"])
     dependencies=[FeedbackLimit],
 )
 def create_feedback(
-    body: FeedbackCreate, key: CurrentKey, session: SessionDep, response: Response
+    body: FeedbackCreate,
+    key: CurrentKey,
+    session: SessionDep,
+    response: Response,
+    cap: Annotated[TokenCap, Depends(correction_cap)],
 ) -> FeedbackPublic:
-    """Rate a generation; rating it again updates your rating (200)."""
+    """Rate a generation; rating it again updates your rating (200). A user key rates its own
+    generations (another's is a 404); rater and admin keys rate any."""
     rating = Rating(body.thumbs, body.stars, body.comment, body.correction)
-    row, created = rate(session, key.id, body.generation_id, rating)
+    row, created = rate(
+        session, key.id, body.generation_id, rating, owner_id=visible_owner(key),
+        correction_cap=cap,
+    )  # fmt: skip
     if not created:
         response.status_code = status.HTTP_200_OK
     return FeedbackPublic.model_validate(row)
@@ -52,8 +72,12 @@ def create_feedback(
 def create_comparison(
     body: ComparisonCreate, key: CurrentKey, session: SessionDep, response: Response
 ) -> ComparisonPublic:
-    """Choose between two answers to the same input; choosing again updates your choice (200)."""
-    row, created = compare(session, key.id, body.generation_a, body.generation_b, body.winner)
+    """Choose between two answers to the same input; choosing again updates your choice (200).
+    A user key compares its own generations (another's is a 404); rater and admin keys any."""
+    row, created = compare(
+        session, key.id, body.generation_a, body.generation_b, body.winner,
+        owner_id=visible_owner(key),
+    )  # fmt: skip
     if not created:
         response.status_code = status.HTTP_200_OK
     return ComparisonPublic(
@@ -74,25 +98,27 @@ class ExportFormat(StrEnum):
     sft = "sft"
 
 
-_BUILDERS: dict[ExportFormat, Callable[[Session], Iterable[TrlRow]]] = {
-    ExportFormat.kto: datasets.kto_rows,
-    ExportFormat.dpo: datasets.pair_rows,
-    ExportFormat.sft: datasets.sft_rows,
-}
-
-
 @router.get(
     "/export",
     response_class=Response,
-    responses={200: {"content": {"application/x-ndjson": {}}, "description": "JSON Lines."}},
+    responses={
+        200: {"content": {"application/x-ndjson": {}}, "description": "JSON Lines."},
+        **RATE_LIMITED,
+    },
 )
-def export(format: ExportFormat, _: CurrentKey, session: SessionDep) -> Response:
+def export(format: ExportFormat, key: CurrentKey, sessions: SessionsDep) -> StreamingResponse:
     """The ratings as JSON Lines in TRL's formats: kto (prompt, completion, label), dpo (prompt,
-    chosen, rejected) or sft (prompt, completion); the same rows training uses."""
-    rows: Iterable[TrlRow] = _BUILDERS[format](session)
-    lines = (json.dumps(row.trl(), ensure_ascii=False) + "\n" for row in rows)
-    return Response(
-        "".join(lines),
+    chosen, rejected) or sft (prompt, completion); the same rows training uses. Streamed as it
+    is read, in constant memory. A user key gets its own ratings of its own generations; rater
+    and admin keys every rating."""
+    owner_id = visible_owner(key)
+
+    def lines() -> Iterator[str]:
+        with sessions() as session:  # its own: the body is sent after the route returns
+            yield from datasets.export_lines(session, kind=format.value, owner_id=owner_id)
+
+    return StreamingResponse(
+        lines(),
         media_type="application/x-ndjson",
         headers={"Content-Disposition": f'attachment; filename="feedback-{format.value}.jsonl"'},
     )

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, status
 
-from app.deps import AdminKey, CurrentKey, SessionDep
+from app.deps import RATE_LIMITED, AdminKey, CurrentKey, SessionDep
 from app.schemas.keys import KeyCreate, KeyCreated, KeyPublic
 from app.services import keys
 
@@ -20,13 +20,13 @@ def create_key(body: KeyCreate, _: AdminKey, session: SessionDep) -> KeyCreated:
     return KeyCreated(**KeyPublic.model_validate(row).model_dump(), key=plaintext)
 
 
-@router.get("/me", response_model=KeyPublic)
+@router.get("/me", response_model=KeyPublic, responses=RATE_LIMITED)
 def who_am_i(key: CurrentKey) -> KeyPublic:
     """The calling key: its name and role (the browser pages sign in with this)."""
     return KeyPublic.model_validate(key)
 
 
-@router.get("", response_model=list[KeyPublic])
+@router.get("", response_model=list[KeyPublic], responses=RATE_LIMITED)
 def list_keys(_: AdminKey, session: SessionDep) -> list[KeyPublic]:
     """Every key, without secrets."""
     return [KeyPublic.model_validate(row) for row in keys.list_keys(session)]

@@ -12,10 +12,22 @@ from app.db import Base, UTCDateTime, utcnow
 
 
 class Role(enum.StrEnum):
-    """What a key may do: users generate, read and rate; admins also manage keys and models."""
+    """What a key may do and see.
+
+    Users generate, and read and rate only their own generations; raters also read and rate
+    everyone's (the shared queue); admins also manage keys, versions and training, and see the
+    per-rater figures of training rounds. Stored as a string (not a native enum type), so adding
+    a role needs no migration.
+    """
 
     user = "user"
+    rater = "rater"
     admin = "admin"
+
+    @property
+    def sees_all(self) -> bool:
+        """Whether the role reads and rates every key's generations, not only its own."""
+        return self is not Role.user
 
 
 class ApiKey(Base):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from app.ml.engine import SamplingParams
 
@@ -61,11 +61,12 @@ class SamplingFields(StrictModel):
         ),
     ] = None  # fmt: skip
     stream: Annotated[
-        bool,
+        StrictBool,
         Field(
             description="Send the answer as server-sent events: `delta` events with `text` as it "
             "is generated, then one `done` event holding the same object a non-streamed request "
-            "answers (with the generation `id` to rate), or an `error` event.",
+            "answers (with the generation `id` to rate), or an `error` event. A JSON boolean: "
+            '`1` or `"true"` is a 422.',
         ),
     ] = False
 

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
 from app.ml.engine import SamplingParams
 from app.schemas.common import InputModel
+
+
+def _json_boolean(value: object) -> object:
+    """A boolean field takes JSON true or false only: `0` or `"false"` is an error, not False."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError("must be a JSON boolean (true or false)")
+    return value
 
 
 class _OpenAIRequest(InputModel):
@@ -37,9 +44,9 @@ class _OpenAIRequest(InputModel):
         str | list[Annotated[str, Field(min_length=1)]] | None,
         Field(description="Up to 4 strings; the answer ends before the first one."),
     ] = None
-    stream: bool = False
+    stream: StrictBool = False
     n: Annotated[int, Field(ge=1, le=1, description="Only 1 is supported.")] = 1
-    logprobs: Literal[False] | None = None
+    logprobs: Annotated[Literal[False] | None, BeforeValidator(_json_boolean)] = None
     user: str | None = None
 
     @model_validator(mode="after")

@@ -24,6 +24,11 @@ class TrainingRunCreate(StrictModel):
     gate: GateConfig | None = None
 
 
+PER_RATER_COUNTS = ("excluded_raters", "consensus")
+"""The keys of a run's counts that name raters (the consensus and revocation figures): shown to
+admin keys only."""
+
+
 class TrainingRunPublic(BaseModel):
     """A round: status, timing, data counts, metrics and what it made."""
 
@@ -33,7 +38,10 @@ class TrainingRunPublic(BaseModel):
     parent_version: str | None = Field(description="The version it trained from.")
     version: str | None = Field(description="The version it made (active or rejected).")
     reason: str | None = Field(description="Why it was skipped, rejected or failed.")
-    counts: dict[str, Any]
+    counts: dict[str, Any] = Field(
+        description="Rows trained on, held out and left out; admin keys also see which raters "
+        "were left out and why (`excluded_raters`, `consensus`)."
+    )
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = Field(description="Per-step loss, KL and reward margins.")
     config: dict[str, Any]
@@ -43,8 +51,12 @@ class TrainingRunPublic(BaseModel):
     heartbeat_at: datetime | None
 
     @classmethod
-    def of(cls, run: TrainingRun) -> TrainingRunPublic:
-        """Build from the ORM row."""
+    def of(cls, run: TrainingRun, *, per_rater: bool = True) -> TrainingRunPublic:
+        """Build from the ORM row; without `per_rater`, the counts that name raters are left
+        out."""
+        counts = run.counts
+        if not per_rater:
+            counts = {name: value for name, value in counts.items() if name not in PER_RATER_COUNTS}
         return cls(
             id=run.id,
             status=run.status,
@@ -52,7 +64,7 @@ class TrainingRunPublic(BaseModel):
             parent_version=run.parent_version.name if run.parent_version else None,
             version=run.version.name if run.version else None,
             reason=run.reason,
-            counts=run.counts,
+            counts=counts,
             metrics=run.metrics,
             history=run.history,
             config=run.config,

@@ -18,6 +18,14 @@ Row = TypeVar("Row", Feedback, Comparison)
 
 
 @dataclass(frozen=True)
+class TokenCap:
+    """The most tokens a correction may have, and how to count them (the serving tokenizer)."""
+
+    count: Callable[[str], int]
+    limit: int
+
+
+@dataclass(frozen=True)
 class Rating:
     """The fields a rater set; None leaves a stored value as it is."""
 
@@ -28,12 +36,31 @@ class Rating:
 
 
 def rate(
-    session: Session, api_key_id: int, generation_id: int, rating: Rating
+    session: Session,
+    api_key_id: int,
+    generation_id: int,
+    rating: Rating,
+    *,
+    owner_id: int | None = None,
+    correction_cap: TokenCap | None = None,
 ) -> tuple[Feedback, bool]:
-    """Store a key's rating of a generation; a repeat updates it. Returns (row, created)."""
-    generation = get_generation(session, generation_id)
+    """Store a key's rating of a generation; a repeat updates it. Returns (row, created).
+
+    With `owner_id` (a user key), only that key's own generations can be rated; another's is
+    missing (404)."""
+    generation = get_generation(session, generation_id, owner_id=owner_id)
     if rating.correction is not None and rating.correction.strip() == generation.output.strip():
         raise InvalidInput("correction", "the correction is the same as the model's output")
+    if rating.correction is not None and correction_cap is not None:
+        # Training keeps a prompt's last TRAINING_MAX_PROMPT_TOKENS, so a correction within the
+        # cap fits after any prompt with its EOS and is never cut.
+        tokens = correction_cap.count(rating.correction)
+        if tokens > correction_cap.limit:
+            raise InvalidInput(
+                "correction",
+                f"the correction is {tokens} tokens long; at most {correction_cap.limit} tokens "
+                "fit in training (TRAINING_MAX_LENGTH - TRAINING_MAX_PROMPT_TOKENS - 1)",
+            )
 
     def apply(feedback: Feedback) -> None:
         for field in ("thumbs", "stars", "comment", "correction"):
@@ -54,13 +81,21 @@ def rate(
 
 
 def compare(
-    session: Session, api_key_id: int, generation_a: int, generation_b: int, winner: Winner
+    session: Session,
+    api_key_id: int,
+    generation_a: int,
+    generation_b: int,
+    winner: Winner,
+    *,
+    owner_id: int | None = None,
 ) -> tuple[Comparison, bool]:
-    """Store a key's choice between two answers to the same input. Returns (row, created)."""
+    """Store a key's choice between two answers to the same input. Returns (row, created).
+
+    With `owner_id` (a user key), both answers must be that key's own."""
     if generation_a == generation_b:
         raise InvalidInput("generation_b", "generation_b must differ from generation_a")
-    first = get_generation(session, generation_a)
-    second = get_generation(session, generation_b)
+    first = get_generation(session, generation_a, owner_id=owner_id)
+    second = get_generation(session, generation_b, owner_id=owner_id)
     if (first.task, first.input_hash) != (second.task, second.input_hash):
         raise InvalidInput(
             "generation_b", "both generations must answer the same task and input to be compared"

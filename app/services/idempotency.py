@@ -39,7 +39,7 @@ class Caller:
 
     @classmethod
     def of(cls, api_key: str) -> Caller:
-        """The caller behind a plaintext API key (valid or not: the route decides that)."""
+        """The caller behind a plaintext API key (the middleware has checked that it is one)."""
         secret = hashlib.sha256(b"feedback-lm idempotent replies\0" + api_key.encode()).digest()
         return cls(hash_key(api_key), Fernet(base64.urlsafe_b64encode(secret)))
 

@@ -47,6 +47,12 @@ def authenticate(session: Session, plaintext: str) -> ApiKey | None:
     return key
 
 
+def visible_owner(key: ApiKey) -> int | None:
+    """Whose generations `key` may read and rate: its own id for a user key, None (everyone's)
+    for rater and admin keys."""
+    return None if key.role.sees_all else key.id
+
+
 def list_keys(session: Session) -> list[ApiKey]:
     """Every key, oldest first."""
     return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))

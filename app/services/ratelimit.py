@@ -39,7 +39,7 @@ class Refusal:
 
 
 class RateLimits:
-    """Named limits (generation, feedback), each counted per caller over a moving window."""
+    """Named limits (generation, feedback, read), each counted per caller over a moving window."""
 
     def __init__(self, limits: dict[str, str | None], redis_url: str | None) -> None:
         self._limits = {kind: parse_many(value) for kind, value in limits.items() if value}
@@ -53,10 +53,11 @@ class RateLimits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RateLimits:
-        """The generation and feedback limits the settings name, in Redis when it is set."""
+        """The generation, feedback and read limits the settings name, in Redis when it is set."""
         limits = {
             "generation": settings.rate_limit_generation,
             "feedback": settings.rate_limit_feedback,
+            "read": settings.rate_limit_read,
         }
         return cls(limits, settings.redis_url)
 

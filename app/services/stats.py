@@ -7,10 +7,12 @@ training data always agree on what a rating means.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from collections.abc import Iterable
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from sqlalchemy import Select, distinct, func, select
@@ -23,6 +25,7 @@ from app.services.datasets import desirability
 
 Z_95 = 1.959963984540054
 """The standard normal quantile for a two-sided 95% interval."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -341,3 +344,96 @@ def daily(session: Session, days: int, today: date | None = None) -> Daily:
             for day, vid in keys
         ],
     )
+
+
+# --- Cached figures -------------------------------------------------------------------------
+
+
+class StatsCache:
+    """Figures kept until the data they are computed from changes.
+
+    Each entry is keyed on what it was computed from (see `data_state`), so a new or changed
+    rating, comparison, generation or version makes the next call compute afresh, and nothing
+    else does: the dashboard asks every 15 s, and the leaderboard's bootstrap is the costly part.
+    Concurrent callers of the same missing entry wait for one computation. Per process; bounded.
+    """
+
+    def __init__(self, max_entries: int = 64) -> None:
+        self._max_entries = max_entries
+        self._entries: OrderedDict[Hashable, object] = OrderedDict()
+        self._computing: dict[Hashable, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self.computed = 0
+        """Entries computed so far (a miss), for tests and metrics."""
+
+    def get(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """The entry under `key`, computed with `compute` if it is not kept."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return cast(T, self._entries[key])
+            computing = self._computing.setdefault(key, threading.Lock())
+        with computing:
+            with self._lock:
+                if key in self._entries:  # another caller computed it meanwhile
+                    return cast(T, self._entries[key])
+            value = compute()
+            with self._lock:
+                self.computed += 1
+                self._entries[key] = value
+                self._computing.pop(key, None)
+                while len(self._entries) > self._max_entries:
+                    self._entries.popitem(last=False)
+            return value
+
+
+def _table_state(count_of: Any, *columns: Any) -> list[Any]:
+    """Scalar subqueries: the row count and the largest value of each column."""
+    return [
+        select(func.count()).select_from(count_of).scalar_subquery(),
+        *(select(func.max(column)).scalar_subquery() for column in columns),
+    ]
+
+
+def data_state(session: Session) -> dict[str, tuple[Any, ...]]:
+    """What the figures depend on, per table, in two cheap queries: the count, largest id and
+    latest update of ratings, comparisons and generations (rows are only added or updated, and
+    a deletion changes the count), and every version's id, name, status and activation."""
+    parts = {
+        "feedback": _table_state(Feedback, Feedback.id, Feedback.updated_at),
+        "comparisons": _table_state(Comparison, Comparison.id, Comparison.updated_at),
+        "generations": _table_state(Generation, Generation.id),
+    }
+    row = session.execute(select(*(column for part in parts.values() for column in part))).one()
+    values = iter(row)
+    state = {name: tuple(next(values) for _ in part) for name, part in parts.items()}
+    versions = select(
+        ModelVersion.id, ModelVersion.name, ModelVersion.status, ModelVersion.activated_at
+    ).order_by(ModelVersion.id)
+    state["versions"] = tuple(tuple(version) for version in session.execute(versions))
+    return state
+
+
+def cached_version_stats(session: Session, *, cache: StatsCache) -> list[VersionStats]:
+    """`version_stats`, computed again only when ratings, comparisons, generations or versions
+    changed."""
+    state = data_state(session)
+    return cache.get(("versions", *state.values()), lambda: version_stats(session))
+
+
+def cached_leaderboard(session: Session, *, cache: StatsCache, samples: int) -> Leaderboard:
+    """`version_leaderboard`, fitted and bootstrapped again only when comparisons or versions
+    changed (new generations alone change nothing it shows)."""
+    state = data_state(session)
+    key = ("leaderboard", samples, state["comparisons"], state["versions"])
+    return cache.get(key, lambda: version_leaderboard(session, samples))
+
+
+def cached_daily(
+    session: Session, *, cache: StatsCache, days: int, today: date | None = None
+) -> Daily:
+    """`daily`, computed again only when ratings, comparisons or versions changed, or the day."""
+    state = data_state(session)
+    last = today or utcnow().date()
+    key = ("daily", days, last, state["feedback"], state["comparisons"], state["versions"])
+    return cache.get(key, lambda: daily(session, days, last))

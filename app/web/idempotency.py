@@ -1,8 +1,10 @@
 """`Idempotency-Key` on every POST under /v1: a retry gets the stored answer, not a second run.
 
-Only successful (2xx) answers are kept: after an error nothing was done, and the same key may be
-sent again. Streamed requests (`stream: true`) are refused with the header, since a stream
-cannot be replayed.
+The caller's API key is checked first: an unknown or revoked key gets the same 401 as the route
+would give, before anything is written or any stored answer is replayed (a revoked key never gets
+a replay). Only successful (2xx) answers are kept: after an error nothing was done, and the same
+key may be sent again. Streamed requests (`stream: true`) are refused with the header, since a
+stream cannot be replayed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from app.services.idempotency import (
     Verdict,
     fingerprint,
 )
+from app.services.keys import authenticate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,6 +47,7 @@ STREAMED = (
     "leave out the header or set stream to false"
 )
 DATABASE_DOWN = "the database is unavailable; retry"
+UNKNOWN_KEY = "unknown or revoked API key"
 
 
 class IdempotencyMiddleware:
@@ -66,6 +70,17 @@ class IdempotencyMiddleware:
         )
         if not applies:
             await self.app(scope, receive, send)
+            return
+        try:
+            known = await _in_thread(lambda: self._known(scope, token))
+        except SQLAlchemyError as exc:
+            log.error("API keys unavailable: %s", type(exc).__name__)
+            await _error(503, DATABASE_DOWN, retry_after=5)(scope, receive, send)
+            return
+        if not known:
+            response = _error(401, UNKNOWN_KEY)
+            response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, receive, send)
             return
         key = headers[HEADER]
         if not VALID_KEY.fullmatch(key):
@@ -122,6 +137,12 @@ class IdempotencyMiddleware:
         for message in messages:
             await send(message)
 
+    @staticmethod
+    def _known(scope: Scope, token: str) -> bool:
+        """Whether `token` is an active API key."""
+        with scope["app"].state.sessionmaker() as session:
+            return authenticate(session, token) is not None
+
     def _store_of(self, scope: Scope) -> IdempotencyStore:
         if self._store is None:
             self._store = IdempotencyStore(scope["app"].state.sessionmaker)
@@ -169,7 +190,7 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
 def _streams(body: bytes) -> bool:
     try:
         parsed = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False  # the route explains what is wrong with it
     return isinstance(parsed, dict) and parsed.get("stream") is True
 

@@ -180,7 +180,8 @@ async function generate() {
   }
 }
 
-// The queue: generations nobody has rated yet, from all traffic, newest first.
+// The queue: generations nobody has rated yet, newest first: from all traffic for rater and
+// admin keys, a user key's own for a user key (the API lists no other).
 async function fillQueue() {
   let cursor = state.queueCursor;
   // Pages of answers already shown in this visit (skipped) are passed over.
@@ -208,7 +209,8 @@ async function nextInQueue() {
   }
   const generation = state.queue.shift();
   if (!generation) {
-    say($("status"), "Nothing left to rate: every answer has a rating.", "ok");
+    const whose = state.me.role === "user" ? "every answer of yours" : "every answer";
+    say($("status"), `Nothing left to rate: ${whose} has a rating.`, "ok");
     state.current = null;
     return;
   }
@@ -340,6 +342,10 @@ function onKey(event) {
 function start(me) {
   state.me = me;
   $("app").hidden = false;
+  $("queue-tab").title =
+    me.role === "user"
+      ? "Your own answers nobody has rated yet (rater keys rate everyone's)"
+      : "Answers nobody has rated yet, from all traffic";
   $("task").addEventListener("change", showTaskFields);
   $("input-form").addEventListener("submit", (event) => {
     event.preventDefault();

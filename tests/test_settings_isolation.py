@@ -1,0 +1,64 @@
+"""The suite's Settings are what the tests say, whatever the caller's shell or `.env` holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.config import Settings
+from tests.conftest import IsolatedSettings
+
+# Each would change what the suite tests if the fixture took it: another model, limits that
+# refuse the tests' requests, Redis instead of the embedded fallbacks, other training rules.
+HOSTILE = {
+    "MODEL": "/nonexistent/model",
+    "MODEL_DTYPE": "bfloat16",
+    "RATE_LIMIT_GENERATION": "1/hour",
+    "RATE_LIMIT_FEEDBACK": "1/hour",
+    "RATE_LIMIT_READ": "1/hour",
+    "REDIS_URL": "redis://127.0.0.1:1/0",
+    "MAX_BATCH_SIZE": "3",
+    "MAX_BODY_BYTES": "2048",
+    "TRAINING_MIN_ITEMS": "999",
+    "LOG_LEVEL": "ERROR",
+}
+
+
+@pytest.fixture(autouse=True)
+def hostile_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The caller's environment and a `.env` in the working directory set everything wrong;
+    autouse, so it is set before any other fixture of a test (the settings) is built."""
+    for name, value in HOSTILE.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("MAX_WAITING_REQUESTS=1\nSWAP_POLL_INTERVAL=99\n")
+
+
+def defaults_of(names: list[str]) -> dict[str, object]:
+    return {name: Settings.model_fields[name].default for name in names}
+
+
+FIELDS = [name.lower() for name in HOSTILE if name not in ("MODEL", "MODEL_DTYPE")]
+FIELDS += ["max_waiting_requests", "swap_poll_interval"]
+
+
+def test_the_settings_fixture_ignores_the_environment_and_dot_env(
+    settings: Settings, tiny_model_dir: Path
+) -> None:
+    """Built after the environment was set: still the tiny model and every default."""
+    assert Settings(model="default").rate_limit_read == "1/hour"  # the environment is set
+    assert Settings(model="default").max_waiting_requests == 1  # and so is .env
+    assert (settings.model, settings.model_dtype) == (str(tiny_model_dir), "float32")
+    assert {name: getattr(settings, name) for name in FIELDS} == defaults_of(FIELDS)
+    changed = settings.model_copy(update={"rate_limit_read": None})
+    assert changed.rate_limit_generation == Settings.model_fields["rate_limit_generation"].default
+
+
+def test_isolated_settings_take_only_what_they_are_given() -> None:
+    """The class the suite builds its settings with, on its own."""
+    settings = IsolatedSettings(data_dir=Path("somewhere"))
+    assert settings.data_dir == Path("somewhere")
+    assert settings.model == Settings.model_fields["model"].default
+    assert settings.model_dtype == Settings.model_fields["model_dtype"].default
+    assert {name: getattr(settings, name) for name in FIELDS} == defaults_of(FIELDS)

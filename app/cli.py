@@ -63,7 +63,8 @@ def setup() -> None:
 
 @cli.command()
 def run() -> None:
-    """Set up, then run the API with a Celery worker and beat until interrupted."""
+    """Set up, then run the API with a Celery worker and beat until interrupted; once serving,
+    any of them that dies is restarted after a backoff."""
     settings = load_settings()
     new_key = _setup(settings)
     python = sys.executable
@@ -77,17 +78,19 @@ def run() -> None:
         "beat": [python, "-m", "celery", "-A", "worker.celery_app", "beat", "--loglevel", "INFO",
                  "--schedule", str(Path(data_dir) / "celerybeat-schedule")],
     }  # fmt: skip
-    children = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
+    children = {name: Supervised(name, command) for name, command in commands.items()}
+    for child in children.values():
+        child.start()
 
     def stop(*_: object) -> None:
         for child in children.values():
-            if child.poll() is None:
-                child.terminate()
+            if child.process.poll() is None:
+                child.process.terminate()
         for child in children.values():
             try:
-                child.wait(timeout=20)
+                child.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                child.kill()
+                child.process.kill()
 
     def on_sigterm(*_: object) -> None:
         stop()
@@ -96,20 +99,69 @@ def run() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
     url = f"http://{settings.host}:{settings.port}"
     try:
-        _wait_ready(url, children)
+        _wait_ready(url, {name: child.process for name, child in children.items()})
         click.echo(f"\nfeedback-lm is ready at {url}  (API docs: {url}/docs)")
         _print_new_admin_key(new_key, settings)
         if new_key is None:
             click.echo(f"Admin API key: see {settings.admin_key_file} or ADMIN_API_KEY.")
+        # Once serving, a process that dies is restarted on its own: the others keep working.
         while True:
-            for name, child in children.items():
-                if child.poll() is not None:
-                    raise click.ClickException(f"{name} exited with code {child.returncode}")
-            time.sleep(1)
+            for child in children.values():
+                child.check(time.monotonic())
+            time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
         stop()
+
+
+RESTART_FIRST_DELAY = 1.0
+"""Seconds before the first restart of a process that died; each further death doubles it."""
+RESTART_MAX_DELAY = 60.0
+"""Longest wait between restarts."""
+RESTART_STABLE_AFTER = 120.0
+"""A process that ran this long before dying starts again from the first delay."""
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds to wait before restarting a process that died `failures` times in a row."""
+    return min(RESTART_MAX_DELAY, RESTART_FIRST_DELAY * 2 ** max(0, failures - 1))
+
+
+class Supervised:
+    """One process of `run`, restarted with capped exponential backoff whenever it dies."""
+
+    def __init__(self, name: str, command: list[str]) -> None:
+        self.name = name
+        self.command = command
+        self.failures = 0
+        self.started_at = 0.0
+        self.restart_at: float | None = None
+        self.process: subprocess.Popen[bytes]
+
+    def start(self) -> None:
+        """Start the process (again)."""
+        self.process = subprocess.Popen(self.command)
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    def check(self, now: float) -> None:
+        """Schedule a restart if the process has died; restart it once the delay has passed."""
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                self.start()
+                log.warning("%s restarted (pid %d)", self.name, self.process.pid)
+            return
+        code = self.process.poll()
+        if code is None:
+            return
+        self.failures = 1 if now - self.started_at >= RESTART_STABLE_AFTER else self.failures + 1
+        delay = restart_delay(self.failures)
+        self.restart_at = now + delay
+        log.error(
+            "%s (pid %d) exited with code %d; restarting in %g s (failure %d in a row)",
+            self.name, self.process.pid, code, delay, self.failures,
+        )  # fmt: skip
 
 
 def _wait_ready(url: str, children: dict[str, subprocess.Popen[bytes]]) -> None:
@@ -187,13 +239,15 @@ def train(inline: bool, wait: bool) -> None:
     with sessions() as session:
         if inline:
             run, created = training.request_run(
-                session, trigger="manual", stale_after=settings.training_stale_after
-            )
+                session, trigger="manual", stale_after=settings.training_stale_after,
+                max_row_failures=settings.training_max_row_failures,
+            )  # fmt: skip
         else:
             try:
                 run, created = training.start_run(
                     session, TaskQueue(settings), requested_by_id=None, config={},
                     stale_after=settings.training_stale_after,
+                    max_row_failures=settings.training_max_row_failures,
                 )  # fmt: skip
             except ServiceError as exc:
                 raise click.ClickException(exc.message) from None

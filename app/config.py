@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from limits import parse_many
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "default"
@@ -56,11 +56,54 @@ class Settings(BaseSettings):
     """Share of their tested items a rater may vote against the others' majority on; above it the
     round leaves all their ratings out (1 turns the rule off)."""
     training_stale_after: Annotated[float, Field(gt=0)] = 600
-    """A running round with no heartbeat for this many seconds is declared lost."""
+    """A running round with no heartbeat for this many seconds is declared lost (a round beats
+    from a thread every quarter of this, at most every 30 s, whatever it is doing)."""
+    training_max_row_failures: Annotated[int, Field(ge=1)] = 2
+    """Failed rounds a rating may be in before it is set aside: a round that fails in training
+    or the gate (an error, MemoryError, or its worker lost) counts one against every rating it
+    took; at this many, no later round takes the rating, and the run's reason says so."""
+    training_visibility_timeout: Annotated[float, Field(gt=0)] = 6 * 3600
+    """Seconds Redis keeps a task for the worker that took it before it hands it to another
+    (Celery's `visibility_timeout`); keep it above the longest round, or a second worker gets the
+    same round (it then exits: only the worker that claimed a queued round runs it)."""
+    training_max_length: Annotated[int, Field(ge=16, le=32_768)] = 512
+    """Prompt plus answer tokens a rating is trained and gated on (the one truncation rule,
+    `TokenBudget.truncate`): no sequence the worker computes on is longer."""
+    training_max_prompt_tokens: Annotated[int, Field(ge=1)] = 256
+    """Prompt tokens kept, its last ones; the answer keeps the rest of TRAINING_MAX_LENGTH. A
+    correction longer than TRAINING_MAX_LENGTH - TRAINING_MAX_PROMPT_TOKENS - 1 tokens (255) is
+    refused with a 422, so that no correction is ever cut."""
+    training_batch_tokens: Annotated[int, Field(ge=32)] = 4096
+    """Padded tokens in one forward pass of the gate and in one training micro-batch (rows of
+    TRAINING_MAX_LENGTH; an optimiser step still covers the round's `batch_size` rows, by
+    gradient accumulation); at least twice TRAINING_MAX_LENGTH. With TRAINING_MAX_LENGTH it
+    bounds the worker's memory beyond its model copies: a gate pass holds this many tokens of
+    activations and attention scores of at most this many x heads x TRAINING_MAX_LENGTH (20
+    maximal QA ratings: 134 MiB over the weights on the default model); a training micro-batch
+    twice this many tokens (DPO's chosen and rejected, KTO's KL pairs) with what backward keeps
+    of them, and TRL's fixed logit tile (at most 4,096 tokens x 32,768 vocabulary floats)."""
+    training_chunk_tokens: Annotated[int, Field(ge=1, le=8192)] = 256
+    """Positions projected to vocabulary logits at once when the gate computes log-probabilities:
+    its logits never exceed this many x vocabulary floats (256 x 49,152 x 4 bytes = 48 MiB on
+    the default model), however long or many the sequences."""
     max_batch_size: Annotated[int, Field(ge=1, le=256)] = 32
     """Requests decoding together in one batch; more wait in the queue."""
     max_waiting_requests: Annotated[int, Field(ge=1, le=10_000)] = 64
     """Generation requests allowed to wait for the model; beyond, a 429 with Retry-After."""
+    max_prompt_tokens: Annotated[int, Field(ge=1)] = 4096
+    """Longest prompt in tokens, counted after the chat template; beyond, a 422 that says so."""
+    kv_cache_bytes: Annotated[int, Field(ge=2**20)] = 2 * 2**30
+    """Memory the KV caches of all running requests of an API process may take, in bytes. A
+    request needs about (prompt + max_new_tokens) x 45 KiB on the default model, and a batch is
+    as wide as its longest row; a request that does not fit waits for running ones to finish,
+    and one that could never fit gets a 422. More allows more long requests at once; each GiB
+    is resident memory."""
+    max_requests_per_key: Annotated[int, Field(ge=1)] = 8
+    """Generation requests one API key may have waiting or running at once; beyond, a 429."""
+    prefill_chunk_tokens: Annotated[int, Field(ge=16, le=4096)] = 256
+    """Prompts longer than this are prefilled this many tokens at a time, between decode steps
+    of the running requests: smaller keeps their tokens flowing more evenly while a long prompt
+    arrives, larger gives that prompt its first token sooner."""
     swap_poll_interval: Annotated[float, Field(gt=0)] = 0.25
     """Seconds between checks of the database for a newly active version."""
     swap_preallocate: bool = True
@@ -73,6 +116,9 @@ class Settings(BaseSettings):
     `10/second;1000/hour`; `none` or empty turns it off. Beyond it, a 429 with Retry-After."""
     rate_limit_feedback: str | None = "600/minute"
     """Ratings and comparisons per API key, in the same notation as RATE_LIMIT_GENERATION."""
+    rate_limit_read: str | None = "600/minute"
+    """Reads per API key (every GET under /v1: generations, export, stats, models, runs, keys),
+    in the same notation as RATE_LIMIT_GENERATION."""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
     """Largest accepted request body in bytes; a larger one gets a 413."""
 
@@ -81,7 +127,7 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("rate_limit_generation", "rate_limit_feedback")
+    @field_validator("rate_limit_generation", "rate_limit_feedback", "rate_limit_read")
     @classmethod
     def _rate_limit(cls, value: str | None) -> str | None:
         if value is None or value.strip().lower() in ("", "none"):
@@ -120,6 +166,22 @@ class Settings(BaseSettings):
     def _model_dir_exists(cls, value: str) -> str:
         if value != DEFAULT_MODEL and not (Path(value) / "config.json").is_file():
             raise ValueError(f"{value!r} is not a model directory with a config.json")
+        return value
+
+    # Per field (fields validate in order, so the length is known): an error then names the
+    # setting and echoes only its value.
+    @field_validator("training_max_prompt_tokens")
+    @classmethod
+    def _prompt_leaves_room(cls, value: int, info: ValidationInfo) -> int:
+        if value >= info.data.get("training_max_length", value + 1):
+            raise ValueError("must be below TRAINING_MAX_LENGTH, to leave the answer room")
+        return value
+
+    @field_validator("training_batch_tokens")
+    @classmethod
+    def _batch_holds_two_rows(cls, value: int, info: ValidationInfo) -> int:
+        if value < 2 * info.data.get("training_max_length", 0):
+            raise ValueError("must be at least twice TRAINING_MAX_LENGTH (KTO pairs rows)")
         return value
 
     @property

@@ -6,9 +6,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.ml.engine import Engine
@@ -16,6 +17,7 @@ from app.models import ApiKey, Role
 from app.services import keys
 from app.services.ratelimit import RateLimits
 from app.services.serving import VersionFollower
+from app.services.stats import StatsCache
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
 
@@ -44,7 +46,23 @@ def get_follower(request: Request) -> VersionFollower:
     return follower
 
 
+def get_sessions(request: Request) -> sessionmaker[Session]:
+    """The session factory, for work that outlives the request's session (a streamed body)."""
+    sessions: sessionmaker[Session] = request.app.state.sessionmaker
+    return sessions
+
+
+def get_stats_cache(request: Request) -> StatsCache:
+    """This process's cache of statistics (made on first use)."""
+    cache: StatsCache | None = getattr(request.app.state, "stats_cache", None)
+    if cache is None:
+        cache = request.app.state.stats_cache = StatsCache()
+    return cache
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
+StatsCacheDep = Annotated[StatsCache, Depends(get_stats_cache)]
 FollowerDep = Annotated[VersionFollower, Depends(get_follower)]
 SessionDep = Annotated[Session, Depends(get_session)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
@@ -85,6 +103,8 @@ class Generating:
     follower: VersionFollower
     sessions: Callable[[], Session]
     """The session factory, for recording a streamed answer after the request's session."""
+    disconnected: Callable[[], bool]
+    """Whether the client has gone away (callable from the route's worker thread)."""
 
 
 def generating(
@@ -96,7 +116,13 @@ def generating(
     request: Request,
 ) -> Generating:
     """The pieces a generation route needs, as one dependency."""
-    return Generating(key, session, engine, settings, follower, request.app.state.sessionmaker)
+
+    def disconnected() -> bool:
+        return bool(anyio.from_thread.run(request.is_disconnected))
+
+    return Generating(
+        key, session, engine, settings, follower, request.app.state.sessionmaker, disconnected
+    )
 
 
 GeneratingDep = Annotated[Generating, Depends(generating)]
@@ -133,8 +159,17 @@ def feedback_limit(key: CurrentKey, request: Request) -> None:
     _count(request, "feedback", key)
 
 
+def read_limit(key: CurrentKey, request: Request) -> None:
+    """Count a read (any GET) against the caller's rate limit; 429 beyond it. Other methods
+    pass: they count against their own limits."""
+    if request.method == "GET":
+        _count(request, "read", key)
+
+
 GenerationLimit = Depends(generation_limit)
 FeedbackLimit = Depends(feedback_limit)
+ReadLimit = Depends(read_limit)
+"""On every /v1 router: each GET it serves counts against RATE_LIMIT_READ."""
 RATE_LIMITED: dict[int | str, dict[str, Any]] = {
     429: {
         "description": "Too many requests: over the API key's rate limit, or the model's queue "

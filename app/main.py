@@ -15,9 +15,9 @@ from sqlalchemy.exc import OperationalError
 from app.api import feedback, generation, health, keys, models, openai, stats, training
 from app.config import Settings, load_settings
 from app.db import make_engine, make_sessionmaker
-from app.deps import RATE_LIMITED, GenerationLimit
+from app.deps import RATE_LIMITED, GenerationLimit, ReadLimit
 from app.migrate import is_current
-from app.ml.engine import Engine, EngineStopped
+from app.ml.engine import Engine, EngineLimits, EngineStopped
 from app.ml.registry import ModelRegistry, NoModelLoaded
 from app.services.errors import (
     Busy,
@@ -32,13 +32,25 @@ from app.services.ratelimit import RateLimits
 from app.services.serving import VersionFollower, load_base_version
 from app.web import pages
 from app.web.idempotency import IdempotencyMiddleware
-from app.web.limits import BodyLimit
+from app.web.limits import BodyLimit, JsonBodyCheck
 
 log = logging.getLogger("app")
 
 
 class StartupError(RuntimeError):
     """The service cannot start; the message says what to do."""
+
+
+def engine_limits(settings: Settings) -> EngineLimits:
+    """The engine's limits from the settings."""
+    return EngineLimits(
+        max_waiting=settings.max_waiting_requests,
+        max_batch=settings.max_batch_size,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        kv_cache_bytes=settings.kv_cache_bytes,
+        max_per_owner=settings.max_requests_per_key,
+        prefill_chunk=settings.prefill_chunk_tokens,
+    )
 
 
 @asynccontextmanager
@@ -67,9 +79,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         follower.start()
         app.state.sessionmaker = sessions
         app.state.registry = registry
-        engine = Engine(
-            registry, max_waiting=settings.max_waiting_requests, max_batch=settings.max_batch_size
-        )
+        engine = Engine(registry, limits=engine_limits(settings))
         engine.start()
         app.state.engine = engine
         # Sync routes run in AnyIO's thread pool (40 threads by default), and a generation holds
@@ -142,16 +152,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     _install_error_handlers(app)
-    routers = (health, generation, openai, feedback, models, training, keys, stats)
-    for module in routers:
+    app.include_router(health.router)
+    for module in (generation, openai, feedback, models, training, keys, stats):
         if module is openai:  # both its routes generate
             app.include_router(
                 module.router, dependencies=[GenerationLimit], responses=RATE_LIMITED
             )
-        else:
-            app.include_router(module.router)
+        else:  # every GET under /v1 counts against RATE_LIMIT_READ
+            app.include_router(module.router, dependencies=[ReadLimit])
     app.state.rate_limits = RateLimits.from_settings(settings)
     app.add_middleware(IdempotencyMiddleware)
+    # Outside it: a malformed or too deeply nested JSON body is a 422 before it is parsed again.
+    app.add_middleware(JsonBodyCheck)
     # Added last, so it wraps the idempotency middleware, which reads bodies too.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     pages.install(app)

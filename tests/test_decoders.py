@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from app.ml.decoders import Decoder, TransformersDecoder
-from app.ml.llama import KVCache, LlamaDecoder, LlamaWeights, PrefixStore
+from app.ml.llama import ROOM, KVCache, LlamaDecoder, LlamaWeights, PrefixStore
 from app.ml.lora import LoraWeights
 
 SHAPE = dict(
@@ -157,16 +157,40 @@ def test_decoder_gives_the_model_s_logits_for_every_row(
     decode(2)
 
 
-def test_the_cache_grows_by_doubling_up_to_the_context_length() -> None:
-    """Growing doubles the columns (few copies), but never past what any row can use."""
-    cache = KVCache(layers=1, kv_heads=1, head_dim=2, limit=100)
-    cache.make_room(rows=1, columns=10)
+def test_the_cache_grows_by_doubling_up_to_what_its_rows_can_reach() -> None:
+    """Columns double (few copies) but never past the longest reach plus ROOM, nor the
+    context; rows grow by a quarter; `footprint` bounds the bytes before they are taken."""
+    cache = KVCache(layers=1, kv_heads=1, head_dim=2, limit=1000)
+    per_column = 2 * 1 * 1 * 2 * 4
+    assert cache.footprint([150]) == (150 + ROOM) * per_column
+    cache.make_room(rows=1, columns=10, reach=[150])
     assert cache.keys[0].shape[2] == 64
-    cache.start, cache.length = torch.tensor([0]), 64
+    cache.start, cache.length, cache.reach = torch.tensor([0]), 64, [150]
     cache.make_room(rows=1, columns=1)
-    assert cache.keys[0].shape[2] == 100  # not 128
-    cache.make_room(rows=5, columns=0)
-    assert cache.keys[0].shape[:3] == (8, 1, 100)
+    assert cache.keys[0].shape[2] == 128
+    cache.length = 128
+    cache.make_room(rows=1, columns=1)
+    assert cache.keys[0].shape[2] == 150 + ROOM  # not 256
+    assert cache.footprint() == cache.keys[0].numel() * 2 * 4
+    cache.make_room(rows=8, columns=0, reach=[150] * 7)
+    assert cache.keys[0].shape[:3] == (10, 1, 150 + ROOM)
+    long = KVCache(layers=1, kv_heads=1, head_dim=2, limit=100)
+    assert long.footprint([5000]) == 100 * per_column  # the context caps it
+
+
+def test_the_cache_shrinks_when_the_rows_that_needed_it_leave() -> None:
+    """A long row that leaves gives its columns back; so do many rows that leave."""
+    cache = KVCache(layers=2, kv_heads=1, head_dim=2, limit=10_000)
+    cache.make_room(rows=12, columns=2000, reach=[3000] + [100] * 11)
+    cache.start = torch.tensor([0] + [1900] * 11)
+    cache.length, cache.reach = 2000, [3000] + [100] * 11
+    cache.keys[0][5, 0, 1999] = torch.tensor([1.0, 2.0])
+    before = cache.footprint()
+    cache.keep(list(range(1, 12)))  # the long row leaves
+    assert cache.keys[0].shape[2] <= 2 * (100 + ROOM) and cache.footprint() < before / 10
+    assert cache.keys[0][4, 0, cache.length - 1].tolist() == [1.0, 2.0]  # data kept in place
+    cache.keep([0])
+    assert cache.keys[0].shape[0] == 1
 
 
 def test_llama_family_versions_take_their_own_path_and_others_transformers() -> None:
@@ -334,3 +358,43 @@ def test_the_prefix_store_keeps_recent_prompts_within_its_budget() -> None:
     assert store.tokens == 22 and not store.covers([7] * 10)
     assert store.longest([1] * 20) == (None, 0)
     assert store.longest([0, 1, 2, 3, 4, 99])[1] == 0  # shares 5, fewer than MIN_REUSE
+
+
+@pytest.mark.parametrize("make_model", [llama, qwen2])
+@pytest.mark.parametrize("make_decoder", [packed, adapted, TransformersDecoder])
+def test_a_long_prompt_prefilled_in_chunks_gives_the_model_s_logits(
+    make_model: Callable[[], PreTrainedModel], make_decoder: Callable[[PreTrainedModel], Decoder]
+) -> None:
+    """Chunk by chunk beside a row that keeps decoding, from a stored start or from nothing:
+    the joined row's logits, and the next step's, are the model's own."""
+    model = make_model()
+    decoder = make_decoder(model)
+    generator = torch.Generator().manual_seed(5)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, SHAPE["vocab_size"], (n,), generator=generator).tolist()
+
+    running = tokens(7)
+    decoder.prefill([torch.tensor(running)])
+    shared = tokens(30)
+    if isinstance(decoder, LlamaDecoder):  # stores `shared` for the first long prompt
+        LlamaDecoder(decoder.weights).prefill([torch.tensor(shared + tokens(2))])
+    for long, reused in ((shared + tokens(70), 30), (tokens(90), 0)):
+        partial = decoder.begin(torch.tensor(long), reach=len(long) + 10)
+        steps = 0
+        while (logits := decoder.advance(partial, 16)) is None:
+            steps += 1
+            running.append(tokens(1)[0])
+            (row,) = decoder.decode([running[-1]])
+            assert torch.allclose(row, expected(model, running), atol=1e-4, rtol=1e-4)
+            assert decoder.footprint() >= decoder.allocated
+        assert torch.allclose(logits[0], expected(model, long), atol=1e-4, rtol=1e-4)
+        if isinstance(decoder, LlamaDecoder):
+            assert steps == -(-(len(long) - reused - 16) // 16)  # a chunk a step
+        step = [running[-1] + 1, long[-1] + 1]
+        running.append(step[0])
+        long.append(step[1])
+        first, second = decoder.decode(step)
+        assert torch.allclose(first, expected(model, running), atol=1e-4, rtol=1e-4)
+        assert torch.allclose(second, expected(model, long), atol=1e-4, rtol=1e-4)
+        decoder.keep([0])

@@ -30,6 +30,7 @@ from app.schemas.generation import (
 )
 from app.services import generations
 from app.services.errors import InvalidInput
+from app.services.keys import visible_owner
 
 router = APIRouter(prefix="/v1", tags=["generation"])
 MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns; a larger one is a 422, not a database error
@@ -58,12 +59,13 @@ def _answer(
     if not body.stream:
         row = generations.create_generation(
             ctx.session, ctx.engine, api_key_id=key_id, task=task, data=data, params=params,
-            max_chars=max_chars, version_lease=lease,
+            max_chars=max_chars, version_lease=lease, disconnected=ctx.disconnected,
         )  # fmt: skip
         return respond(GenerationPublic.of(row), row.input)
     stream, prompt = generations.start_generation(
-        ctx.engine, task=task, data=data, params=params, max_chars=max_chars, version_lease=lease
-    )
+        ctx.engine, task=task, data=data, params=params, max_chars=max_chars, version_lease=lease,
+        owner=key_id,
+    )  # fmt: skip
     generations.release_connection(ctx.session)  # a stream can outlive the pool's patience
     record = generations.recorder(
         ctx.sessions,
@@ -120,9 +122,9 @@ def qa(body: QARequest, ctx: GeneratingDep) -> Any:
     )  # fmt: skip
 
 
-@router.get("/generations", response_model=GenerationPage)
+@router.get("/generations", response_model=GenerationPage, responses=RATE_LIMITED)
 def list_generations(
-    _: CurrentKey,
+    key: CurrentKey,
     session: SessionDep,
     task: Task | None = None,
     model_version: str | None = None,
@@ -132,7 +134,8 @@ def list_generations(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
 ) -> GenerationPage:
-    """Recorded generations, newest first, one page at a time."""
+    """Recorded generations, newest first, one page at a time: a user key's own, or everyone's
+    for rater and admin keys."""
     before_id = None
     if cursor is not None:
         if not cursor.isdigit() or not 1 <= int(cursor) <= MAX_ID:
@@ -140,7 +143,7 @@ def list_generations(
         before_id = int(cursor)
     rows, next_id = generations.list_generations(
         session, task=task, model_version=model_version, rated=rated, limit=limit,
-        before_id=before_id,
+        before_id=before_id, owner_id=visible_owner(key),
     )  # fmt: skip
     return GenerationPage(
         items=[GenerationPublic.of(row) for row in rows],
@@ -148,9 +151,10 @@ def list_generations(
     )
 
 
-@router.get("/generations/{generation_id}", response_model=GenerationPublic)
+@router.get("/generations/{generation_id}", response_model=GenerationPublic, responses=RATE_LIMITED)
 def get_generation(
-    generation_id: Annotated[int, Path(ge=1, le=MAX_ID)], _: CurrentKey, session: SessionDep
+    generation_id: Annotated[int, Path(ge=1, le=MAX_ID)], key: CurrentKey, session: SessionDep
 ) -> GenerationPublic:
-    """One recorded generation."""
-    return GenerationPublic.of(generations.get_generation(session, generation_id))
+    """One recorded generation (a user key's own; rater and admin keys any)."""
+    row = generations.get_generation(session, generation_id, owner_id=visible_owner(key))
+    return GenerationPublic.of(row)

@@ -158,7 +158,7 @@ def _start(
     data, params = body.task_input(), body.sampling()
     stream, prompt = generations.start_generation(
         ctx.engine, task=task, data=data, params=params, max_chars=ctx.settings.max_prompt_chars,
-        version_lease=_lease(body, ctx.key, ctx.session, ctx.follower),
+        version_lease=_lease(body, ctx.key, ctx.session, ctx.follower), owner=ctx.key.id,
     )  # fmt: skip
     generations.release_connection(ctx.session)  # a stream can outlive the pool's patience
     record = generations.recorder(
@@ -184,7 +184,7 @@ def chat_completions(body: ChatCompletionRequest, ctx: GeneratingDep) -> Any:
             }  # fmt: skip
 
         return _stream(run.stream, run.record, chunk)
-    completion = run.stream.result()
+    completion = generations.wait_for(run.stream, disconnected=ctx.disconnected)
     row_id = run.record(completion)
     return ChatCompletion(
         id=f"chatcmpl-{row_id}", created=run.created, model=run.model, generation_id=row_id,
@@ -215,7 +215,7 @@ def completions(body: CompletionRequest, ctx: GeneratingDep) -> Any:
             }  # fmt: skip
 
         return _stream(run.stream, run.record, chunk)
-    completion = run.stream.result()
+    completion = generations.wait_for(run.stream, disconnected=ctx.disconnected)
     row_id = run.record(completion)
     return TextCompletion(
         id=f"cmpl-{row_id}", created=run.created, model=run.model, generation_id=row_id,

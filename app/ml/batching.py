@@ -1,10 +1,11 @@
 """Continuous batching: the requests running on one version decode together, one token a step.
 
 New requests are prefilled (together when they arrive together), then join the batch at the
-next token boundary; a finished request leaves by dropping its row. The KV cache and forward
-passes belong to the batch's decoder (`app/ml/decoders.py`). Each row keeps its own sampling
-parameters, stop strings and random generator, so other rows never shift a seeded request's
-random draws.
+next token boundary; a finished request leaves by dropping its row. A long prompt is prefilled
+a chunk per step instead, so the running rows keep getting tokens while it arrives. The KV cache
+and forward passes belong to the batch's decoder (`app/ml/decoders.py`). Each row keeps its own
+sampling parameters, stop strings and random generator, so other rows never shift a seeded
+request's random draws.
 
 A seeded request is prefilled in a pass of its own, its whole prompt computed, never taken from
 stored keys: run again, it repeats the same arithmetic and gives the same answer. Beside other
@@ -15,12 +16,14 @@ than one row's), which can change a token; like OpenAI's `seed`, that part is be
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from app.ml.decoders import decoder_for
+from app.ml.llama import Partial
 
 if TYPE_CHECKING:
     from app.ml.engine import Completion, GenerationStream
@@ -142,6 +145,12 @@ def _draw(
 
 PREFILL_TOKENS = 4096
 """Most tokens, padding included, prefilled in one forward pass."""
+PREFILL_CHUNK = 256
+"""Prompts longer than this are prefilled at most this many tokens a step, between decode
+steps, so that a long prompt delays the running rows' next tokens by one chunk at a time, not
+by all of it (an engine's `prefill_chunk` overrides it)."""
+MIN_CHUNK = 16
+"""Fewest tokens a chunk computes, however short the time it is given."""
 
 
 def prefill_groups(streams: list[GenerationStream]) -> list[list[GenerationStream]]:
@@ -167,23 +176,38 @@ def prefill_groups(streams: list[GenerationStream]) -> list[list[GenerationStrea
 class Batch:
     """The requests decoding together on one version."""
 
-    def __init__(self, version: ServingVersion) -> None:
+    def __init__(self, version: ServingVersion, chunk: int = PREFILL_CHUNK) -> None:
         self.version = version
+        self.chunk = chunk
+        """Prompts longer than this are prefilled this many tokens a step."""
         self.rows: list[Row] = []
         self.decoder = decoder_for(version)
         self.next_tokens: list[int] = []
+        self.pending: list[tuple[Row, Partial]] = []
+        """Long prompts being prefilled a chunk a step, oldest first."""
+        self.decode_seconds = 0.0
+        """How long the latest decode step took (0 when there was none)."""
+        self._prefill_rate: float | None = None  # tokens a second, of the latest chunk
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.pending)
 
     def admit(self, streams: list[GenerationStream]) -> None:
         """Prefill requests that arrived together and add them to the batch (a request done at
-        once leaves in `step`); if a prefill fails, its requests finish with the error."""
+        once leaves in `step`); if a prefill fails, its requests finish with the error. Long
+        prompts only start here: `step` prefills them a chunk at a time."""
+        long = [stream for stream in streams if stream.prompt_tokens > self.chunk]
+        for stream in long:
+            seeded = stream.params.seed is not None
+            partial = self.decoder.begin(stream.input_ids[0], reuse=not seeded, reach=stream.reach)
+            self.pending.append((Row.of(stream), partial))
+        streams = [stream for stream in streams if stream.prompt_tokens <= self.chunk]
         for group in prefill_groups(streams):
             rows = [Row.of(stream) for stream in group]
             try:
                 seeded = group[0].params.seed is not None  # then alone: see the module's doc
-                logits = self.decoder.prefill([s.input_ids[0] for s in group], reuse=not seeded)
+                prompts, reach = [s.input_ids[0] for s in group], [s.reach for s in group]
+                logits = self.decoder.prefill(prompts, reuse=not seeded, reach=reach)
                 firsts = _sample(logits, rows)
             except Exception as exc:  # the batch goes on without them
                 log.exception("prefill failed")
@@ -195,22 +219,69 @@ class Batch:
             for row, first in zip(rows, firsts, strict=True):
                 self._accept(row, first)
 
-    def step(self) -> list[tuple[Row, Completion]]:
-        """Decode one token for every row that is still going; returns the rows that finished."""
-        done = self._collect()
+    def step(self, prefill_seconds: float | None = None) -> list[tuple[Row, Completion]]:
+        """Prefill one chunk of the oldest long prompt (sized to take about `prefill_seconds`
+        when given: the others' next tokens wait for it), then decode one token for every row
+        that is still going; returns the rows that finished."""
+        done = self._advance(prefill_seconds) + self._collect()
+        self.decode_seconds = 0.0
         if not self.rows:
             return done
+        started = time.perf_counter()
         logits = self.decoder.decode(self.next_tokens)
+        self.decode_seconds = time.perf_counter() - started
         self.next_tokens = _sample(logits, self.rows)
         for row, token in zip(self.rows, self.next_tokens, strict=True):
             self._accept(row, token)
         return done + self._collect()
 
+    def _chunk(self, row: Row, seconds: float | None) -> int:
+        """Tokens of the next chunk: the most, unless it should take only `seconds`. Always
+        MIN_CHUNK for a seeded request: other chunk sizes would add in another order, and its
+        answer must not depend on the traffic beside it when it was prefilled."""
+        if row.stream.params.seed is not None:
+            return MIN_CHUNK
+        if seconds is None:
+            return self.chunk
+        if self._prefill_rate is None:
+            return MIN_CHUNK
+        return max(MIN_CHUNK, min(self.chunk, int(self._prefill_rate * seconds)))
+
+    def _advance(self, seconds: float | None) -> list[tuple[Row, Completion]]:
+        """One chunk of the oldest long prompt still wanted; a prompt done joins the rows."""
+        done = []
+        for row, partial in list(self.pending):
+            if row.stream.cancelled:
+                self.pending.remove((row, partial))
+                self.decoder.drop(partial)
+                done.append((row, row.stream.completion("", 0, "cancelled")))
+        if not self.pending:
+            return done
+        row, partial = self.pending[0]
+        try:
+            chunk, left, started = self._chunk(row, seconds), partial.left, time.perf_counter()
+            logits = self.decoder.advance(partial, chunk)
+            self._prefill_rate = min(chunk, left) / (time.perf_counter() - started)
+            if logits is None:
+                return done
+            first = _sample(logits, [row])[0]
+        except Exception as exc:  # the batch goes on without it
+            log.exception("prefill failed")
+            self.pending.pop(0)
+            self.decoder.drop(partial)
+            row.stream._finish(None, exc)
+            return done
+        self.pending.pop(0)
+        self.rows.append(row)
+        self.next_tokens.append(first)
+        self._accept(row, first)
+        return done
+
     def fail(self, error: BaseException) -> None:
         """Finish every row with an error (a step raised); the batch is empty afterwards."""
-        for row in self.rows:
+        for row in [*self.rows, *(row for row, _ in self.pending)]:
             row.stream._finish(None, error)
-        self.rows, self.next_tokens = [], []
+        self.rows, self.next_tokens, self.pending = [], [], []
         self.decoder = decoder_for(self.version)
 
     def _accept(self, row: Row, token: int) -> None:

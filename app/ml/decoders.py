@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from app.ml.llama import LlamaDecoder
+from app.ml.llama import LlamaDecoder, Partial
 
 if TYPE_CHECKING:
     from app.ml.registry import ServingVersion
@@ -25,9 +25,34 @@ class Decoder(Protocol):
         """Rows in the batch."""
         ...
 
-    def prefill(self, prompts: list[torch.Tensor], reuse: bool = True) -> torch.Tensor:
+    def prefill(
+        self, prompts: list[torch.Tensor], reuse: bool = True, reach: list[int] | None = None
+    ) -> torch.Tensor:
         """Add one row per prompt (1-D token ids); logits of their last tokens. Without `reuse`,
-        every prompt is computed whole, from no stored keys."""
+        every prompt is computed whole, from no stored keys. `reach`: per prompt, the most
+        tokens its row will hold (prompt and answer)."""
+        ...
+
+    def footprint(self, reach: list[int] | None = None) -> int:
+        """The most bytes the KV cache can take with its rows, plus new rows of these reaches."""
+        ...
+
+    @property
+    def allocated(self) -> int:
+        """Bytes the KV cache holds now."""
+        ...
+
+    def begin(self, prompt: torch.Tensor, reuse: bool = True, reach: int | None = None) -> Partial:
+        """Start prefilling a long prompt a chunk at a time (`advance`)."""
+        ...
+
+    def advance(self, partial: Partial, tokens: int) -> torch.Tensor | None:
+        """Compute up to `tokens` more of a partial prompt; once it is whole it joins the batch
+        as a row and the logits of its last token are returned (None before)."""
+        ...
+
+    def drop(self, partial: Partial) -> None:
+        """Stop prefilling a partial prompt."""
         ...
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
@@ -73,21 +98,67 @@ class TransformersDecoder:
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)
         """1 where a cache column holds a real token of that row, 0 for left padding."""
+        self.reach: list[int] = []
+        """Per row, the most tokens it can hold."""
+        self.partials: list[Partial] = []
+        config = model.config
+        self.context_length = int(getattr(config, "max_position_embeddings", None) or 2048)
+        layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 1))
+        heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 1))
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 1))
+        head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+        self.bytes_per_token = 2 * layers * kv_heads * head_dim * model.dtype.itemsize
+        """Bytes of keys and values per token, all layers together."""
 
     @property
     def rows(self) -> int:
         """Rows in the batch."""
         return int(self.mask.shape[0])
 
-    def prefill(self, prompts: list[torch.Tensor], reuse: bool = True) -> torch.Tensor:
+    def prefill(
+        self, prompts: list[torch.Tensor], reuse: bool = True, reach: list[int] | None = None
+    ) -> torch.Tensor:
         """Add one row per prompt, prefilled one at a time and whole (nothing is stored to
         reuse); logits of their last tokens."""
-        before = self.cache, self.mask
+        before = self.cache, self.mask, list(self.reach)
         try:
-            return torch.cat([self._prefill_one(prompt) for prompt in prompts])
+            logits = torch.cat([self._prefill_one(prompt) for prompt in prompts])
         except BaseException:
-            self.cache, self.mask = before  # merging builds new tensors: these are intact
+            self.cache, self.mask, self.reach = before  # merging builds new tensors: intact
             raise
+        self.reach += reach or [self.context_length] * len(prompts)
+        return logits
+
+    def footprint(self, reach: list[int] | None = None) -> int:
+        """The most bytes the KV cache can take with its rows, plus new rows of these reaches:
+        every row padded to the longest reach, twice over while a join concatenates."""
+        all_reach = [*self.reach, *(p.reach for p in self.partials), *(reach or [])]
+        return 2 * len(all_reach) * max(all_reach, default=0) * self.bytes_per_token
+
+    def begin(self, prompt: torch.Tensor, reuse: bool = True, reach: int | None = None) -> Partial:
+        """A long prompt to prefill; here it is computed whole when it is advanced."""
+        empty = torch.zeros(0)
+        partial = Partial(prompt, reach or self.context_length, empty, empty)
+        self.partials.append(partial)
+        return partial
+
+    def advance(self, partial: Partial, tokens: int) -> torch.Tensor | None:
+        """Prefill the whole prompt (transformers' forward takes no chunks): its last logits."""
+        self.partials.remove(partial)
+        return self.prefill([partial.prompt], reach=[partial.reach])
+
+    def drop(self, partial: Partial) -> None:
+        """Forget a partial prompt."""
+        if partial in self.partials:
+            self.partials.remove(partial)
+
+    @property
+    def allocated(self) -> int:
+        """Bytes the KV cache holds now."""
+        if self.cache is None:
+            return 0
+        return sum(k.nbytes + v.nbytes for k, v in _layers(self.cache))
 
     def _prefill_one(self, prompt: torch.Tensor) -> torch.Tensor:
         cache = DynamicCache(config=self.model.config)
@@ -122,6 +193,7 @@ class TransformersDecoder:
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows, in this order; trims columns no row uses any more."""
+        self.reach = [self.reach[i] for i in rows]
         if not rows:
             self.cache, self.mask = None, torch.zeros(0, 0, dtype=torch.long)
             return

@@ -14,13 +14,15 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 
 import torch
 
-from app.ml.batching import Batch
+from app.ml.batching import PREFILL_CHUNK, Batch
+from app.ml.decoders import decoder_for
 from app.ml.registry import ModelRegistry, ServingVersion
 
 log = logging.getLogger(__name__)
@@ -56,17 +58,15 @@ class Completion:
 
 
 class PromptTooLong(ValueError):
-    """The prompt plus the requested tokens do not fit the model's context."""
-
-    def __init__(self, prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
-        super().__init__(
-            f"the prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} that "
-            f"exceeds the model's context of {context_length} tokens"
-        )
+    """The prompt (or the prompt plus the requested tokens) is more than this engine takes."""
 
 
 class EngineBusy(RuntimeError):
     """More requests are waiting than the engine accepts; retry later."""
+
+
+class OwnerBusy(EngineBusy):
+    """The caller already has as many requests in the engine as one caller may."""
 
 
 class EngineStopped(RuntimeError):
@@ -81,6 +81,8 @@ class GenerationStream:
     input_ids: torch.Tensor
     params: SamplingParams
     _lease: ExitStack
+    owner: Hashable | None = None
+    """Who asked (an API key's id): the engine caps each owner's requests in flight."""
     _deltas: queue.Queue[str | None] = field(default_factory=queue.Queue)
     _done: threading.Event = field(default_factory=threading.Event)
     _cancelled: threading.Event = field(default_factory=threading.Event)
@@ -95,6 +97,11 @@ class GenerationStream:
     def prompt_tokens(self) -> int:
         """Tokens in the rendered prompt."""
         return int(self.input_ids.shape[1])
+
+    @property
+    def reach(self) -> int:
+        """The most tokens this request's row can hold: its prompt and its longest answer."""
+        return self.prompt_tokens + self.params.max_new_tokens
 
     def cancel(self) -> None:
         """Stop generating as soon as possible (a client went away); frees the engine."""
@@ -202,18 +209,76 @@ def _deliver(items: list[tuple[asyncio.Queue[str | None], str | None]]) -> None:
         handoff.put_nowait(delta)
 
 
+SHORT_REACH = 1024
+"""Requests that can hold at most this many tokens (prompt and answer) decode in a batch of
+their own, apart from longer ones: a batch's KV cache is as wide as its longest row for every
+row, so one long request beside many short ones would multiply their memory and attention."""
+
+Lane = tuple[ServingVersion, bool]
+"""Which batch a request decodes in: its version, and whether it is long (past SHORT_REACH)."""
+
+
+def lane_of(stream: GenerationStream) -> Lane:
+    """The batch a request joins."""
+    return stream.version, stream.reach > SHORT_REACH
+
+
+PREFILL_SHARE = 0.5
+"""While requests are decoding, a step's chunk of a long prompt is sized to take about this
+share of the latest decode steps' time: their next tokens wait that much longer, no more."""
+
+HEAD_WAIT = 2.0
+"""Seconds the oldest waiting request may be passed over by later ones that fit the KV-cache
+budget; after that nothing more is admitted until it fits, so a large request never starves."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What one request, one owner and all requests together may take of the engine."""
+
+    max_waiting: int = 64
+    """Requests allowed to wait; beyond, `submit` raises EngineBusy instead of queueing."""
+    max_batch: int = 32
+    """Requests decoding together at most; more wait in the queue."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt in tokens, after the chat template (None: the model's context)."""
+    kv_cache_bytes: int | None = None
+    """Most bytes the KV caches of all running requests may take (None: no budget). A request
+    waits until its row fits; one that cannot fit even alone is refused at once."""
+    max_per_owner: int | None = None
+    """Requests one owner may have waiting or running at once (None: no cap)."""
+    prefill_chunk: int = PREFILL_CHUNK
+    """Prompts longer than this many tokens are prefilled this many a step, between decode
+    steps of the running requests."""
+
+
 class Engine:
     """The generation loop of one process: a bounded queue in front of the model."""
 
-    def __init__(self, registry: ModelRegistry, max_waiting: int = 64, max_batch: int = 32) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        max_waiting: int = 64,
+        max_batch: int = 32,
+        limits: EngineLimits | None = None,
+    ) -> None:
         self.registry = registry
-        self.max_batch = max_batch
+        self.limits = limits or EngineLimits(max_waiting=max_waiting, max_batch=max_batch)
+        self.max_batch = self.limits.max_batch
         """Requests decoding together at most; more wait in the queue."""
-        self.max_waiting = max_waiting
+        self.max_waiting = self.limits.max_waiting
         """Requests allowed to wait; beyond, `submit` raises EngineBusy instead of queueing."""
-        self._queue: queue.Queue[GenerationStream | None] = queue.Queue(maxsize=max_waiting)
+        self._waiting: deque[GenerationStream] = deque()
+        self._wake = threading.Condition()
+        self._owners: Counter[Hashable] = Counter()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.kv_bytes = 0
+        """Bytes the running requests' KV caches may take (their footprint, at admission)."""
+        self.kv_allocated = 0
+        """Bytes the running requests' KV caches hold, after the latest step."""
+        self.kv_allocated_peak = 0
+        """The most `kv_allocated` has been since the engine started."""
 
     def start(self) -> None:
         """Start the generation loop."""
@@ -225,22 +290,19 @@ class Engine:
         """Stop the loop after its current step; waiting and running requests fail with
         EngineStopped (their clients get a 503)."""
         self._stopping.set()
-        while True:
-            try:
-                waiting = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if waiting is not None:
-                waiting._finish(None, EngineStopped("the service is shutting down"))
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), deque()
+            self._wake.notify_all()
+        for stream in waiting:
+            stream._finish(None, EngineStopped("the service is shutting down"))
         if self._thread is not None:
-            self._queue.put(None)
             self._thread.join(timeout=60)
             self._thread = None
 
     @property
     def waiting(self) -> int:
         """Requests queued and not started."""
-        return self._queue.qsize()
+        return len(self._waiting)
 
     def chat_prompt(
         self, messages: list[dict[str, str]] | str, version: ServingVersion | None = None
@@ -259,11 +321,12 @@ class Engine:
         render: Callable[[ServingVersion], str],
         params: SamplingParams,
         lease: AbstractContextManager[ServingVersion] | None = None,
+        owner: Hashable | None = None,
     ) -> tuple[GenerationStream, str]:
         """Queue a request; returns its stream and the exact prompt it will run on.
 
         `render` makes the prompt for the leased version (default: the active one). Raises
-        PromptTooLong or EngineBusy at once, holding nothing.
+        PromptTooLong, EngineBusy or OwnerBusy at once, holding nothing.
         """
         if self._stopping.is_set():
             raise EngineStopped("the service is shutting down")
@@ -275,20 +338,60 @@ class Engine:
             input_ids = version.tokenizer(
                 prompt, add_special_tokens=False, return_tensors="pt"
             ).input_ids
-            prompt_tokens = int(input_ids.shape[1])
-            if prompt_tokens + params.max_new_tokens > version.context_length:
-                raise PromptTooLong(prompt_tokens, params.max_new_tokens, version.context_length)
-            stream = GenerationStream(version, input_ids, params, stack)
-            self._queue.put_nowait(stream)
-        except queue.Full:
-            stack.close()
-            raise EngineBusy(
-                f"{self.max_waiting} requests are already waiting for the model; retry shortly"
-            ) from None
+            stream = GenerationStream(version, input_ids, params, stack, owner)
+            self._check(stream)
+            with self._wake:
+                if len(self._waiting) >= self.max_waiting:
+                    raise EngineBusy(
+                        f"{self.max_waiting} requests are already waiting for the model; "
+                        "retry shortly"
+                    )
+                cap = self.limits.max_per_owner
+                if owner is not None and cap is not None:
+                    if self._owners[owner] >= cap:
+                        raise OwnerBusy(
+                            f"this key already has {cap} generations in progress, the most one "
+                            "key may have (MAX_REQUESTS_PER_KEY); retry when one has finished"
+                        )
+                    self._owners[owner] += 1
+                    stack.callback(self._release, owner)
+                self._waiting.append(stream)
+                self._wake.notify()
         except BaseException:
             stack.close()
             raise
         return stream, prompt
+
+    def _check(self, stream: GenerationStream) -> None:
+        """Refuse a request this engine could never run: PromptTooLong, with what to change."""
+        version, params, tokens = stream.version, stream.params, stream.prompt_tokens
+        limit = self.limits.max_prompt_tokens
+        if limit is not None and tokens > limit:
+            raise PromptTooLong(
+                f"the prompt is {tokens} tokens (after the chat template); the limit is {limit} "
+                "(MAX_PROMPT_TOKENS)"
+            )
+        if stream.reach > version.context_length:
+            raise PromptTooLong(
+                f"the prompt is {tokens} tokens; with max_new_tokens={params.max_new_tokens} "
+                f"that exceeds the model's context of {version.context_length} tokens"
+            )
+        budget = self.limits.kv_cache_bytes
+        if budget is not None:
+            alone = decoder_for(version).footprint([stream.reach])
+            if alone > budget:
+                raise PromptTooLong(
+                    f"the prompt is {tokens} tokens; with max_new_tokens={params.max_new_tokens} "
+                    f"its keys and values need {alone / 2**20:.0f} MiB, more than the "
+                    f"{budget / 2**20:.0f} MiB all requests share (KV_CACHE_BYTES): shorten the "
+                    "prompt or ask for fewer tokens"
+                )
+
+    def _release(self, owner: Hashable) -> None:
+        with self._wake:
+            self._owners[owner] -= 1
+            if self._owners[owner] <= 0:
+                del self._owners[owner]
 
     def generate(
         self, prompt: str, params: SamplingParams, version: ServingVersion | None = None
@@ -307,33 +410,58 @@ class Engine:
             outbox.flush()
             _STEP.outbox = None
 
-    def _run(self, outbox: Outbox) -> None:
-        batches: dict[ServingVersion, Batch] = {}  # one per version: swaps never mix weights
-        while not self._stopping.is_set():
+    def _admit(self, batches: dict[Lane, Batch]) -> list[GenerationStream]:
+        """Take the waiting requests that fit now: batch slots and the KV-cache budget, oldest
+        first; sleeps while nothing runs and nothing waits."""
+        budget = self.limits.kv_cache_bytes
+        with self._wake:
             running = sum(len(batch) for batch in batches.values())
-            arrivals: list[GenerationStream] = []
-            try:
-                # Idle: sleep until a request comes. Busy: take what is there, between steps.
-                first = self._queue.get() if running == 0 else self._queue.get_nowait()
-                if first is None:
-                    break
-                arrivals.append(first)
-                while running + len(arrivals) < self.max_batch:
-                    more = self._queue.get_nowait()
-                    if more is None:
-                        self._stopping.set()
-                        break
-                    arrivals.append(more)
-            except queue.Empty:
-                pass
-            joining: dict[ServingVersion, list[GenerationStream]] = {}
+            while running == 0 and not self._waiting and not self._stopping.is_set():
+                self._wake.wait()
+            taken: list[GenerationStream] = []
+            joining: dict[Lane, list[int]] = {}
+            footprints = {lane: b.decoder.footprint() for lane, b in batches.items()}
+            now = time.perf_counter()
+            admitted, full = 0, False
+            for stream in list(self._waiting):
+                if stream.cancelled:  # finished at once, taking no slot
+                    self._waiting.remove(stream)
+                    taken.append(stream)
+                    continue
+                if full or running + admitted >= self.max_batch:
+                    continue
+                if budget is not None:
+                    lane = lane_of(stream)
+                    batch = batches.get(lane)
+                    decoder = batch.decoder if batch is not None else decoder_for(stream.version)
+                    reach = [*joining.get(lane, []), stream.reach]
+                    after = decoder.footprint(reach)
+                    if sum(footprints.values()) - footprints.get(lane, 0) + after > budget:
+                        # The oldest has waited long enough: room is kept for it.
+                        full = now - stream._submitted > HEAD_WAIT and stream is self._waiting[0]
+                        continue
+                    joining[lane], footprints[lane] = reach, after
+                self._waiting.remove(stream)
+                taken.append(stream)
+                admitted += 1
+            self.kv_bytes = sum(footprints.values())
+            return taken
+
+    def _run(self, outbox: Outbox) -> None:
+        # One batch per version (swaps never mix weights) and length (see SHORT_REACH).
+        batches: dict[Lane, Batch] = {}
+        while not self._stopping.is_set():
+            arrivals = self._admit(batches)
+            if self._stopping.is_set():
+                break
+            joining: dict[Lane, list[GenerationStream]] = {}
             for stream in arrivals:
                 if stream.cancelled:
                     stream._finish(stream.completion("", 0, "cancelled"))
                 else:
-                    joining.setdefault(stream.version, []).append(stream)
-            for version, streams in joining.items():
-                batch = batches.setdefault(version, Batch(version))
+                    joining.setdefault(lane_of(stream), []).append(stream)
+            for lane, streams in joining.items():
+                batch = batches.setdefault(lane, Batch(lane[0], self.limits.prefill_chunk))
                 try:
                     batch.admit(streams)
                 except Exception as exc:  # a failed prefill is handled inside: this is a bug
@@ -343,16 +471,20 @@ class Engine:
                         if not stream._done.is_set():
                             stream._finish(None, exc)
             outbox.flush()  # first tokens go out before the step
-            for version, batch in list(batches.items()):
+            decoding = sum(batch.decode_seconds for batch in batches.values())
+            prefill_seconds = PREFILL_SHARE * decoding if decoding > 0 else None
+            for lane, batch in list(batches.items()):
                 try:
-                    for row, completion in batch.step():
+                    for row, completion in batch.step(prefill_seconds):
                         row.stream._finish(completion)
                 except Exception as exc:
                     log.exception("a decoding step failed; its requests fail")
                     batch.fail(exc)
                 if not batch:
-                    del batches[version]
+                    del batches[lane]
             outbox.flush()
+            self.kv_allocated = sum(batch.decoder.allocated for batch in batches.values())
+            self.kv_allocated_peak = max(self.kv_allocated_peak, self.kv_allocated)
         for batch in batches.values():
             batch.fail(EngineStopped("the service is shutting down"))
 

@@ -369,6 +369,32 @@ class Prefix:
     values: torch.Tensor
 
 
+SMALL_CHUNK = 32
+"""Chunks of a long prompt up to this many tokens run on the decode weights."""
+
+
+@dataclass(eq=False)
+class Partial:
+    """A long prompt being prefilled a chunk at a time: the keys and values of its first
+    `done` tokens, [layers, kv heads, tokens, head dim] each (room for all but its last)."""
+
+    prompt: torch.Tensor
+    reach: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    done: int = 0
+
+    @property
+    def left(self) -> int:
+        """Tokens still to compute."""
+        return len(self.prompt) - self.done
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes its keys and values take."""
+        return self.keys.nbytes + self.values.nbytes
+
+
 def _shared(a: list[int], b: list[int]) -> int:
     """How many tokens two sequences share from their start."""
     return next(
@@ -423,23 +449,42 @@ class PrefixStore:
         return any(e.tokens[: len(prompt)] == prompt for e in self._entries)
 
 
+ROW_SLACK = 4
+"""A KV cache that grows to hold n rows makes room for n // ROW_SLACK more (few copies as
+requests join, at most a quarter more memory than its rows need)."""
+ROOM = 64
+"""Columns a cache keeps beyond the most its rows can reach, so that moving its used columns to
+the front happens once every ROOM steps at most."""
+
+
+def _rows_for(rows: int) -> int:
+    return rows + rows // ROW_SLACK
+
+
 class KVCache:
-    """Keys and values of a batch's rows, per layer, in fp32 buffers that grow by doubling.
+    """Keys and values of a batch's rows, per layer, in fp32 buffers.
 
     Buffers are [row capacity, kv heads, column capacity, head dim]. Row r holds its tokens in
     columns `start[r]` to `length - 1`; the columns before are masked. Every row's latest token
     is in column `length - 1`, so a decode step writes each row's next token in column
     `length`. Buffers start zeroed, so masked columns never hold NaN (0 x NaN would leak into
     attention).
+
+    Each row says how many columns it can ever use (`reach`: its prompt plus its most new
+    tokens). Columns grow by doubling up to the largest reach plus ROOM, rows by ROW_SLACK, so
+    `footprint` bounds the memory a batch can take before a request joins it; buffers shrink
+    again when the rows that needed them leave.
     """
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, limit: int) -> None:
         self.shape = (layers, kv_heads, head_dim)
         self.limit = limit
-        """Columns never grow past this by doubling (the model's context: no row needs more)."""
+        """Columns never grow past this (the model's context: no row needs more)."""
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.start = torch.zeros(0, dtype=torch.long)
+        self.reach: list[int] = []
+        """Per row, the most columns it can ever use."""
         self.length = 0
 
     @property
@@ -452,26 +497,59 @@ class KVCache:
         """The first column any row uses; attention reads from here."""
         return int(self.start.min()) if self.rows else self.length
 
-    def make_room(self, rows: int, columns: int) -> None:
-        """Capacity for `rows` rows and `columns` more columns; growing moves the used columns
-        to the front (so `start` and `length` change)."""
+    @property
+    def bytes_per_column(self) -> int:
+        """Bytes one row's keys and values take per token, all layers together."""
         layers, kv_heads, head_dim = self.shape
-        row_cap, col_cap = (self.keys[0].shape[0], self.keys[0].shape[2]) if self.keys else (0, 0)
+        return 2 * layers * kv_heads * head_dim * 4
+
+    def _capacity(self) -> tuple[int, int]:
+        return (self.keys[0].shape[0], self.keys[0].shape[2]) if self.keys else (0, 0)
+
+    def _column_cap(self, reach: list[int]) -> int:
+        return min(self.limit, max(reach, default=0) + ROOM)
+
+    def footprint(self, reach: list[int] | None = None) -> int:
+        """The most bytes this cache can take with its rows, plus new rows of these reaches."""
+        all_reach = [*self.reach, *(reach or [])]
+        row_cap, col_cap = self._capacity()
+        rows = max(row_cap, _rows_for(len(all_reach)))
+        columns = max(col_cap, self._column_cap(all_reach)) if all_reach else col_cap
+        return rows * columns * self.bytes_per_column
+
+    def make_room(self, rows: int, columns: int, reach: list[int] | None = None) -> None:
+        """Capacity for `rows` rows and `columns` more columns (`reach`: the new rows' reaches
+        when rows are added); growing or compacting moves the used columns to the front (so
+        `start` and `length` change)."""
+        row_cap, col_cap = self._capacity()
         first = self.first
         used = self.length - first
         if rows <= row_cap and self.length + columns <= col_cap:
             return
-        new_rows = max(rows, 2 * row_cap if rows > row_cap else row_cap, 4)
+        cap = self._column_cap([*self.reach, *(reach or [])])
+        new_rows = max(row_cap, _rows_for(rows))
         doubled = max(2 * col_cap if used + columns > col_cap else col_cap, 64)
-        new_cols = max(used + columns, min(doubled, self.limit))
-        n = self.rows
+        new_cols = max(used + columns, min(doubled, max(cap, col_cap)))
+        self._resize(new_rows, new_cols)
+
+    def _resize(self, new_rows: int, new_cols: int) -> None:
+        """Buffers of this size holding the used columns at the front, one layer at a time (so
+        a resize never holds two copies of the whole cache)."""
+        layers, kv_heads, head_dim = self.shape
+        first, n = self.first, self.rows
+        used = self.length - first
         for buffers in (self.keys, self.values):
-            old = buffers[:]
-            buffers[:] = [
-                torch.zeros(new_rows, kv_heads, new_cols, head_dim) for _ in range(layers)
-            ]
-            for grown, buffer in zip(buffers, old, strict=False):
+            if not buffers:
+                buffers[:] = [torch.zeros(new_rows, kv_heads, new_cols, head_dim)]
+                buffers += [torch.zeros_like(buffers[0]) for _ in range(layers - 1)]
+                continue
+            for i, buffer in enumerate(buffers):
+                if buffer.shape[0] == new_rows and buffer.shape[2] == new_cols:
+                    buffer[:n, :, :used] = buffer[:n, :, first : self.length].clone()
+                    continue
+                grown = torch.zeros(new_rows, kv_heads, new_cols, head_dim)
                 grown[:n, :, :used] = buffer[:n, :, first : self.length]
+                buffers[i] = grown
         self.start = self.start - first
         self.length = used
 
@@ -488,9 +566,9 @@ class KVCache:
         self.length += columns
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only these rows, in this order."""
+        """Keep only these rows, in this order; buffers shrink when the rest need much less."""
         if not rows:
-            self.keys, self.values = [], []
+            self.keys, self.values, self.reach = [], [], []
             self.start, self.length = torch.zeros(0, dtype=torch.long), 0
             return
         if rows != list(range(len(rows))):
@@ -498,6 +576,11 @@ class KVCache:
             for buffer in (*self.keys, *self.values):
                 buffer[: len(rows), :, first : self.length] = buffer[index, :, first : self.length]
         self.start = self.start[rows]
+        self.reach = [self.reach[i] for i in rows]
+        row_cap, col_cap = self._capacity()
+        need_rows, need_cols = _rows_for(len(rows)), self._column_cap(self.reach)
+        if row_cap > 2 * need_rows or col_cap > 2 * need_cols:
+            self._resize(need_rows, max(need_cols, self.length - self.first))
 
 
 class LlamaDecoder:
@@ -508,16 +591,90 @@ class LlamaDecoder:
         self.cache = KVCache(
             len(weights.layers), weights.kv_heads, weights.head_dim, weights.context_length
         )
+        self.partials: list[Partial] = []
+        """Long prompts being prefilled a chunk at a time, not rows yet."""
 
     @property
     def rows(self) -> int:
         """Rows in the batch."""
         return self.cache.rows
 
-    def prefill(self, prompts: list[torch.Tensor], reuse: bool = True) -> torch.Tensor:
+    def footprint(self, reach: list[int] | None = None) -> int:
+        """The most bytes the KV cache can take with its rows, plus new rows of these reaches
+        (a long prompt being prefilled counts twice: its own buffer, then its row)."""
+        pending = [partial.reach for partial in self.partials]
+        buffers = sum(self.cache.bytes_per_column * len(p.prompt) for p in self.partials)
+        return self.cache.footprint([*pending, *(reach or [])]) + buffers
+
+    @property
+    def allocated(self) -> int:
+        """Bytes the KV cache holds now."""
+        rows = sum(buffer.nbytes for buffer in (*self.cache.keys, *self.cache.values))
+        return rows + sum(partial.nbytes for partial in self.partials)
+
+    def begin(self, prompt: torch.Tensor, reuse: bool = True, reach: int | None = None) -> Partial:
+        """Start prefilling a long prompt a chunk at a time (`advance`); with `reuse`, from the
+        start it shares with a stored prompt."""
+        layers, kv_heads, head_dim = self.cache.shape
+        shape = (layers, kv_heads, len(prompt) - 1, head_dim)
+        partial = Partial(prompt, reach or self.cache.limit, torch.zeros(shape), torch.zeros(shape))
+        if reuse:
+            entry, shared = self.weights.prefixes.longest(prompt.tolist())
+            if entry is not None:
+                partial.keys[:, :, :shared] = entry.keys[:, :, :shared]
+                partial.values[:, :, :shared] = entry.values[:, :, :shared]
+                partial.done = shared
+        self.partials.append(partial)
+        return partial
+
+    def advance(self, partial: Partial, tokens: int) -> torch.Tensor | None:
+        """Compute up to `tokens` more of a partial prompt. Once at most `tokens` are left,
+        they are computed as the prompt joins the batch as a row: the logits of its last token
+        are returned then, None before."""
+        if partial.left <= tokens:
+            self.partials.remove(partial)
+            known = Prefix(partial.prompt[: partial.done].tolist(), partial.keys, partial.values)
+            return self.prefill([partial.prompt], reach=[partial.reach], known=[known])
+        weights, start = self.weights, partial.done
+        end = start + tokens
+        # A query sees every key up to its own position: the stored ones and its chunk's.
+        mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            partial.keys[layer, :, start:end] = k[0]
+            partial.values[layer, :, start:end] = v[0]
+            return F.scaled_dot_product_attention(
+                q, partial.keys[layer, None, :, :end], partial.values[layer, None, :, :end],
+                attn_mask=mask, scale=weights.scaling, enable_gqa=True,
+            )  # fmt: skip
+
+        # A small chunk is bound by reading the weights, like a decode step: it runs on the
+        # decode weights (4-bit where they are), a large one on the model's own.
+        with torch.inference_mode():
+            weights.forward(
+                partial.prompt[None, start:end], torch.arange(start, end)[None, :], attend,
+                prefill=tokens > SMALL_CHUNK,
+            )  # fmt: skip
+        partial.done = end
+        return None
+
+    def drop(self, partial: Partial) -> None:
+        """Stop prefilling a partial prompt (its request was cancelled, or it failed)."""
+        if partial in self.partials:
+            self.partials.remove(partial)
+
+    def prefill(
+        self,
+        prompts: list[torch.Tensor],
+        reuse: bool = True,
+        reach: list[int] | None = None,
+        known: list[Prefix] | None = None,
+    ) -> torch.Tensor:
         """Add one row per prompt (1-D token ids), prefilled together; logits of their last
         tokens. With `reuse`, the start a prompt shares with a recent one is taken from the
-        prefix store; without, every prompt is computed whole (and still stored)."""
+        prefix store; without, every prompt is computed whole (and still stored). `reach`: per
+        prompt, the most tokens its row will hold (prompt and answer; default the context).
+        `known`: per prompt, the keys and values of its start, already computed."""
         cache, weights, store = self.cache, self.weights, self.weights.prefixes
         token_lists = [p.tolist() for p in prompts]
         if reuse and len(prompts) > 1:
@@ -528,7 +685,10 @@ class LlamaDecoder:
                 # Prompts arriving together that start alike (a system prompt not seen yet):
                 # that start is computed once, stored, and taken by each of them below.
                 LlamaDecoder(weights).prefill([torch.tensor(common)])
-        found = [store.longest(tokens) if reuse else (None, 0) for tokens in token_lists]
+        if known is not None:
+            found: list[tuple[Prefix | None, int]] = [(k, len(k.tokens)) for k in known]
+        else:
+            found = [store.longest(tokens) if reuse else (None, 0) for tokens in token_lists]
         reused = torch.tensor([n for _, n in found])
         lengths = torch.tensor([len(t) for t in token_lists])
         computed = lengths - reused
@@ -539,7 +699,8 @@ class LlamaDecoder:
         for i, prompt in enumerate(prompts):
             input_ids[i, int(pad[i]) :] = prompt[int(reused[i]) :]
         grow = max(0, span - cache.length)
-        cache.make_room(old + group, grow)
+        reach = reach or [cache.limit] * group
+        cache.make_room(old + group, grow, reach)
         cache.shift(grow)
         end = cache.length  # the prompts end where the batch's rows do
         starts = end - lengths
@@ -597,8 +758,9 @@ class LlamaDecoder:
             hidden = weights.forward(input_ids, positions, attend, prefill=True)
             logits = weights.logits(hidden[:, -1, :])
         cache.start = torch.cat([cache.start, starts])
+        cache.reach += reach
         for row, tokens, start in zip(rows, token_lists, starts.tolist(), strict=True):
-            if not store.covers(tokens):
+            if len(tokens) <= store.budget and not store.covers(tokens):
                 keys = torch.stack([k[row, :, start:end] for k in cache.keys])
                 values = torch.stack([v[row, :, start:end] for v in cache.values])
                 store.add(tokens, keys, values)

@@ -72,6 +72,7 @@ def start_generation(
     params: SamplingParams,
     max_chars: int,
     version_lease: AbstractContextManager[ServingVersion] | None = None,
+    owner: int | None = None,
 ) -> tuple[GenerationStream, str]:
     """Validate the input and queue it; the stream of the answer and the exact prompt.
 
@@ -80,7 +81,7 @@ def start_generation(
     """
     _validate(task, data, max_chars)
     try:
-        return engine.submit(_render(engine, task, data), params, version_lease)
+        return engine.submit(_render(engine, task, data), params, version_lease, owner=owner)
     except PromptTooLong as exc:
         raise InvalidInput(_MAIN_FIELD[task], str(exc)) from None
     except EngineBusy as exc:
@@ -141,6 +142,25 @@ def recorder(
     return record
 
 
+def wait_for(
+    stream: GenerationStream, *, disconnected: Callable[[], bool] | None = None
+) -> Completion:
+    """The whole answer; a client that goes away meanwhile cancels it (the partial answer is
+    still returned, to be recorded)."""
+    while disconnected is not None:
+        try:
+            return stream.result(timeout=DISCONNECT_POLL)
+        except TimeoutError:
+            if disconnected():
+                stream.cancel()
+                break
+    return stream.result()
+
+
+DISCONNECT_POLL = 0.25
+"""Seconds between checks that the client of a non-streamed generation is still there."""
+
+
 def release_connection(session: Session) -> None:
     """End the session's read transaction, so no pooled connection is held while the model
     generates (seconds; more concurrent requests than the pool has connections)."""
@@ -157,23 +177,28 @@ def create_generation(
     params: SamplingParams,
     max_chars: int,
     version_lease: AbstractContextManager[ServingVersion] | None = None,
+    disconnected: Callable[[], bool] | None = None,
 ) -> Generation:
-    """Run the model on one task input, wait for the answer and record it."""
+    """Run the model on one task input, wait for the answer and record it; a client that goes
+    away meanwhile cancels it, and what was generated is recorded as `cancelled`."""
     stream, prompt = start_generation(
         engine, task=task, data=data, params=params, max_chars=max_chars,
-        version_lease=version_lease,
+        version_lease=version_lease, owner=api_key_id,
     )  # fmt: skip
     release_connection(session)
     return record_generation(
         session, api_key_id=api_key_id, task=task, data=data, prompt=prompt, params=params,
-        completion=stream.result(),
+        completion=wait_for(stream, disconnected=disconnected),
     )  # fmt: skip
 
 
-def get_generation(session: Session, generation_id: int) -> Generation:
-    """One generation by id."""
+def get_generation(
+    session: Session, generation_id: int, *, owner_id: int | None = None
+) -> Generation:
+    """One generation by id; with `owner_id`, only if that key asked for it (another key's is
+    reported as missing, so that ids say nothing about other keys' traffic)."""
     generation = session.get(Generation, generation_id)
-    if generation is None:
+    if generation is None or (owner_id is not None and generation.api_key_id != owner_id):
         raise NotFound(f"generation {generation_id} does not exist")
     return generation
 
@@ -186,11 +211,15 @@ def list_generations(
     rated: bool | None = None,
     limit: int = 20,
     before_id: int | None = None,
+    owner_id: int | None = None,
 ) -> tuple[list[Generation], int | None]:
-    """Generations newest first, and the id to page on from (None on the last page)."""
+    """Generations newest first, and the id to page on from (None on the last page); with
+    `owner_id`, only those that key asked for."""
     if model_version is not None and "\x00" in model_version:
         return [], None  # no version's name holds NUL, which PostgreSQL cannot compare
     query = select(Generation).order_by(Generation.id.desc()).limit(limit + 1)
+    if owner_id is not None:
+        query = query.where(Generation.api_key_id == owner_id)
     if task is not None:
         query = query.where(Generation.task == task)
     if model_version is not None:

@@ -1,0 +1,253 @@
+"""Token and memory budgets: prompts counted in tokens, a KV-cache budget, a cap per key, and
+requests cancelled when their client goes away."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from app.config import Settings
+from app.main import create_app
+from app.ml.decoders import decoder_for
+from app.ml.engine import (
+    Engine,
+    EngineLimits,
+    GenerationStream,
+    OwnerBusy,
+    PromptTooLong,
+    SamplingParams,
+)
+from app.ml.loading import load_model
+from app.ml.registry import ModelRegistry, ServingVersion
+from app.models import Generation
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir: Path) -> ServingVersion:
+    model, tokenizer = load_model(tiny_model_dir, torch.float32)
+    return ServingVersion(1, "v0", model, tokenizer)
+
+
+def engine_with(base: ServingVersion, **limits: object) -> Engine:
+    registry = ModelRegistry()
+    registry.activate(base)
+    return Engine(registry, limits=EngineLimits(**limits))  # type: ignore[arg-type]
+
+
+def submit(
+    engine: Engine, text: str, owner: int | None = None, **params: object
+) -> GenerationStream:
+    sampling = SamplingParams(**params)  # type: ignore[arg-type]
+    render = lambda version: engine.chat_prompt(text, version)  # noqa: E731
+    return engine.submit(render, sampling, owner=owner)[0]
+
+
+@contextmanager
+def slowed(engine: Engine, seconds: float = 0.01) -> Iterator[None]:
+    """Every forward pass of the active model takes `seconds` longer: the tiny model is so fast
+    that a request would otherwise be over before a test can act on it."""
+    model = engine.registry.active.model
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda *_: time.sleep(seconds))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+@pytest.fixture
+def app_client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings.model_copy(update={"max_prompt_tokens": 30}))) as client:
+        yield client
+
+
+def test_prompt_tokens_are_counted_after_the_chat_template(
+    app_client: TestClient, admin: dict[str, str]
+) -> None:
+    """A short question is under MAX_PROMPT_TOKENS on its own, but not with the chat
+    template's system prompt around it: the limit is on what the model reads."""
+    body = {"prompt": "Say hi to everyone here today.", "max_new_tokens": 2}
+    response = app_client.post("/v1/generate", json=body, headers=admin)
+    assert response.status_code == 422, response.text
+    message = response.json()["detail"][0]["msg"]
+    assert "after the chat template" in message and "MAX_PROMPT_TOKENS" in message
+    chat = {"model": "default", "messages": [{"role": "user", "content": body["prompt"]}]}
+    response = app_client.post("/v1/chat/completions", json=chat, headers=admin)
+    assert (
+        response.status_code == 422 and "MAX_PROMPT_TOKENS" in response.json()["error"]["message"]
+    )
+
+
+def test_a_request_that_could_never_fit_the_kv_budget_is_refused_at_once(
+    base: ServingVersion,
+) -> None:
+    """Its keys and values alone would pass KV_CACHE_BYTES: a clear error, nothing queued."""
+    one = decoder_for(base).footprint([100])
+    engine = engine_with(base, kv_cache_bytes=one)
+    submit(engine, "Hi", max_new_tokens=100 - 40)  # fits (the prompt is under 40 tokens)
+    with pytest.raises(PromptTooLong, match="KV_CACHE_BYTES"):
+        submit(engine, "Hi", max_new_tokens=400)
+    assert engine.waiting == 1
+    engine.stop()
+
+
+def test_requests_wait_for_room_in_the_kv_budget_and_all_finish(base: ServingVersion) -> None:
+    """With room for one request's keys and values, four run one after another and the KV
+    caches never hold more than the budget; without a budget they run together."""
+    reach = 300
+    budget = decoder_for(base).footprint([reach])
+    tight = engine_with(base, kv_cache_bytes=budget)
+    free = engine_with(base)
+    for engine in (tight, free):
+        engine.start()
+        streams = [
+            submit(engine, f"Story {i}.", max_new_tokens=reach - 40, temperature=0)
+            for i in range(4)
+        ]
+        for stream in streams:
+            assert stream.result(120).finish_reason == "length"
+        engine.stop()
+    assert 0 < tight.kv_allocated_peak <= budget
+    assert free.kv_allocated_peak > budget  # the same requests, unbudgeted, take more
+
+
+def test_a_key_may_have_only_so_many_requests_in_flight(base: ServingVersion) -> None:
+    """Beyond MAX_REQUESTS_PER_KEY a key gets OwnerBusy (a 429) at once; other keys do not,
+    and a finished request frees its place."""
+    engine = engine_with(base, max_per_owner=2)
+    first = submit(engine, "Hi", owner=1, max_new_tokens=2)
+    submit(engine, "Hi", owner=1, max_new_tokens=2)
+    started = time.perf_counter()
+    with pytest.raises(OwnerBusy, match="MAX_REQUESTS_PER_KEY"):
+        submit(engine, "Hi", owner=1, max_new_tokens=2)
+    assert time.perf_counter() - started < 1
+    submit(engine, "Hi", owner=2, max_new_tokens=2)
+    engine.start()
+    first.result(60)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            submit(engine, "Hi", owner=1, max_new_tokens=2).result(60)
+            break
+        except OwnerBusy:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    engine.stop()
+
+
+def test_a_key_over_its_cap_gets_429(settings: Settings, admin: dict[str, str]) -> None:
+    """Through the API: the cap answers 429 with a message that names the setting."""
+    with TestClient(create_app(settings.model_copy(update={"max_requests_per_key": 1}))) as client:
+        engine: Engine = client.app.state.engine  # type: ignore[attr-defined]
+        key_id = 1  # the bootstrap admin
+        with slowed(engine):
+            held = submit(engine, "Hold the place.", owner=key_id, max_new_tokens=400)
+        try:
+            response = client.post(
+                "/v1/generate", json={"prompt": "Hi", "max_new_tokens": 2}, headers=admin
+            )
+            assert response.status_code == 429, response.text
+            assert "MAX_REQUESTS_PER_KEY" in response.json()["detail"]
+        finally:
+            held.cancel()
+            held.result(60)
+
+
+def test_a_non_streamed_request_is_cancelled_when_its_client_goes_away(
+    settings: Settings, admin: dict[str, str], sessions: object
+) -> None:
+    """A client that times out and closes its connection stops its generation: it is
+    recorded as cancelled instead of taking the engine for its whole answer."""
+    import uvicorn
+
+    from tests.conftest import free_port
+
+    app = create_app(settings.model_copy(update={"max_batch_size": 1}))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    stack = ExitStack()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/v1/generate"
+        stack.enter_context(slowed(app.state.engine))
+        body = {"prompt": "Tell me a long story.", "max_new_tokens": 450, "temperature": 0}
+        holder = threading.Thread(
+            target=lambda: httpx.post(url, json=body, headers=admin, timeout=120)
+        )
+        holder.start()  # takes the only batch slot
+        time.sleep(0.2)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json={**body, "prompt": "Another one."}, headers=admin, timeout=0.3)
+        holder.join(120)
+        deadline = time.monotonic() + 30
+        while True:
+            with sessions() as session:  # type: ignore[operator]
+                rows = list(session.scalars(select(Generation).order_by(Generation.id)))
+            if len(rows) == 2:
+                break
+            assert time.monotonic() < deadline, "the cancelled generation was not recorded"
+            time.sleep(0.1)
+        by_prompt = {row.input["prompt"]: row for row in rows}
+        held, gone = by_prompt["Tell me a long story."], by_prompt["Another one."]
+        assert held.finish_reason == "length" and held.completion_tokens == 450
+        assert gone.finish_reason == "cancelled" and gone.completion_tokens < 450
+    finally:
+        stack.close()
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_running_requests_keep_decoding_while_a_long_prompt_is_prefilled(
+    base: ServingVersion,
+) -> None:
+    """A long prompt is prefilled a chunk between decode steps: the running row gets a token
+    at every step meanwhile, instead of waiting for the whole prompt."""
+    from app.ml.batching import Batch
+
+    def stream(text: str, max_new_tokens: int, seed: int | None = None) -> GenerationStream:
+        prompt = base.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, seed=seed)
+        return GenerationStream(base, prompt, params, ExitStack())
+
+    batch = Batch(base, chunk=32)
+    running = stream("Keep talking.", 400)
+    batch.admit([running])
+    batch.step()
+    (row,) = batch.rows
+    long = stream(" ".join(["word"] * 300), 5)
+    batch.admit([long])
+    assert len(batch) == 2 and len(batch.rows) == 1  # not prefilled at once
+    steps = 0
+    while len(batch.rows) == 1:
+        before = len(row.tokens)
+        batch.step()
+        steps += 1
+        assert len(row.tokens) == before + 1
+    assert steps >= 300 // 32 - 1
+    assert len(batch.rows[1].tokens) == 2  # its first token, then the step's like the others
+
+
+def test_a_seeded_long_prompt_gives_the_same_answer_again(base: ServingVersion) -> None:
+    """Chunked prefill repeats the same arithmetic, so a seed still repeats its answer."""
+    engine = engine_with(base, prefill_chunk=32)
+    engine.start()
+    text = " ".join(["story"] * 200)
+    answers = {
+        submit(engine, text, max_new_tokens=12, temperature=1.0, seed=7).result(60).text
+        for _ in range(3)
+    }
+    engine.stop()
+    assert len(answers) == 1

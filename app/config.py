@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     as wide as its longest row; a request that does not fit waits for running ones to finish,
     and one that could never fit gets a 422. More allows more long requests at once; each GiB
     is resident memory."""
+    kv_cache_key_share: Annotated[float, Field(gt=0, le=1)] = 0.25
+    """Share of KV_CACHE_BYTES one API key's running requests may reserve; its next request
+    waits beyond it (one request alone always may run), so one key's long prompts cannot fill
+    the cache and the time every step spends reading it. 1 turns it off."""
     max_requests_per_key: Annotated[int, Field(ge=1)] = 8
     """Generation requests one API key may have waiting or running at once; beyond, a 429."""
     prefill_chunk_tokens: Annotated[int, Field(ge=16, le=4096)] = 256

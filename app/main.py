@@ -49,6 +49,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
         max_prompt_tokens=settings.max_prompt_tokens,
         kv_cache_bytes=settings.kv_cache_bytes,
         max_per_owner=settings.max_requests_per_key,
+        kv_share_per_owner=settings.kv_cache_key_share,
         prefill_chunk=settings.prefill_chunk_tokens,
     )
 

@@ -19,8 +19,6 @@ import asyncio
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from common import DEFAULT_MODEL, ROOT, prepared_model, wait_ready  # bench/, beside this script
+from common import (  # bench/, beside this script
+    DEFAULT_MODEL,
+    ROOT,
+    prepared_model,
+    start_api,
+    stop,
+    user_keys,
+)
 
 sys.path.insert(0, str(ROOT))
 
@@ -191,32 +196,17 @@ def main() -> None:
            "LOG_LEVEL": "WARNING", "RATE_LIMIT_GENERATION": "none",
            "MAX_PROMPT_CHARS": str(args.max_chars)}  # fmt: skip
     base = f"http://127.0.0.1:{args.port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port",
-         str(args.port), "--log-level", "warning"],
-        env=env, cwd=ROOT,
-    )  # fmt: skip
+    server = start_api(env, args.port)
     try:
-        wait_ready(f"{base}/readyz", server)
-        admin = {"Authorization": f"Bearer {ADMIN}"}
-        keys = []
-        for i in range(args.clients + 1):
-            created = httpx.post(
-                f"{base}/v1/keys", json={"name": f"abuse-{i}", "role": "user"}, headers=admin
-            )
-            created.raise_for_status()
-            keys.append(created.json()["key"])
+        keys = [key for key, _ in user_keys(base, ADMIN, args.clients + 1, "abuse")]
         *chatting, abuser = keys
+        asyncio.run(run_phase(base, chatting, None, 5, args))  # warm-up, not counted
         idle = asyncio.run(run_phase(base, chatting, None, args.duration, args))
         idle_memory = memory(server.pid)
         abused = asyncio.run(run_phase(base, chatting, abuser, args.duration, args))
         abused_memory = memory(server.pid)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
 
     print(f"\n{args.clients} chatting keys, {args.duration:.0f} s a phase, model {model_dir.name}")
     print(f"{'phase':8} {'TBT p50':>8} {'TBT p99':>8} {'TTFT p50':>9} {'TTFT p99':>9} "

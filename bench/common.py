@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -37,3 +38,40 @@ def wait_ready(
             pass
         time.sleep(0.5)
     sys.exit(f"{url} did not become ready")
+
+
+def start_api(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    """This service in a uvicorn process of its own with `env`, once it answers /readyz."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port",
+         str(port), "--log-level", "warning"],
+        env=env, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/readyz", server)
+    except BaseException:
+        stop(server)
+        raise
+    return server
+
+
+def stop(server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 60 s."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def user_keys(base: str, admin_key: str, count: int, name: str) -> list[tuple[str, int]]:
+    """`count` new user keys (secret, id), made with the admin key."""
+    keys = []
+    for i in range(count):
+        created = httpx.post(
+            f"{base}/v1/keys", json={"name": f"{name}-{i}", "role": "user"},
+            headers={"Authorization": f"Bearer {admin_key}"},
+        )  # fmt: skip
+        created.raise_for_status()
+        keys.append((created.json()["key"], created.json()["id"]))
+    return keys

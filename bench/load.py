@@ -19,8 +19,6 @@ import argparse
 import asyncio
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,14 @@ from pathlib import Path
 
 import httpx
 import psycopg
-from common import DEFAULT_MODEL, ROOT, prepared_model, wait_ready  # bench/, beside this script
+from common import (  # bench/, beside this script
+    DEFAULT_MODEL,
+    ROOT,
+    prepared_model,
+    start_api,
+    stop,
+    user_keys,
+)
 
 sys.path.insert(0, str(ROOT))
 
@@ -213,31 +218,15 @@ def main() -> None:
            "REDIS_URL": redis_url, "MODEL": str(model_dir), "ADMIN_API_KEY": ADMIN,
            "LOG_LEVEL": "WARNING"}  # fmt: skip
     base = f"http://127.0.0.1:{args.port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port",
-         str(args.port), "--log-level", "warning"],
-        env=env, cwd=ROOT,
-    )  # fmt: skip
+    server = start_api(env, args.port)
     try:
-        wait_ready(f"{base}/readyz", server)
-        admin = {"Authorization": f"Bearer {ADMIN}"}
-        keys = []
-        for i in range(args.clients):
-            created = httpx.post(
-                f"{base}/v1/keys", json={"name": f"load-{i}", "role": "user"}, headers=admin
-            )
-            created.raise_for_status()
-            keys.append((created.json()["key"], created.json()["id"]))
+        keys = user_keys(base, ADMIN, args.clients, "load")
         started = time.perf_counter()
         results = asyncio.run(run_clients(base, keys, args.duration))
         elapsed = time.perf_counter() - started
         problems = check_stored(database_url, results)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
         if database is not None:
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

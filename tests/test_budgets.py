@@ -251,3 +251,40 @@ def test_a_seeded_long_prompt_gives_the_same_answer_again(base: ServingVersion) 
     }
     engine.stop()
     assert len(answers) == 1
+
+
+def test_one_key_reserves_at_most_its_share_of_the_kv_budget(base: ServingVersion) -> None:
+    """A key past its share waits while another key's request runs at once; one request alone
+    always may run, so the key is slowed, never stuck."""
+    one = decoder_for(base).footprint([300])
+    engine = engine_with(base, kv_cache_bytes=4 * one, kv_share_per_owner=0.3)
+    with slowed(engine):
+        first = submit(engine, "Hold on.", owner=1, max_new_tokens=260, temperature=0)
+        second = submit(engine, "Me too.", owner=1, max_new_tokens=260, temperature=0)
+        other = submit(engine, "Hi.", owner=2, max_new_tokens=3, temperature=0)
+        engine.start()
+        assert other.result(60).completion_tokens == 3
+        assert not second._done.is_set() and first.next_delta(30)
+        assert first.result(60).finish_reason == "length"
+        assert second.result(60).finish_reason == "length"
+    engine.stop()
+
+
+def test_the_budget_counts_the_buffer_a_long_prompt_is_prefilled_into(
+    base: ServingVersion,
+) -> None:
+    """Found in review: a prompt prefilled in chunks has a buffer of its own until it joins;
+    the budget reserved only its row, so long prompts took about twice what it allowed."""
+    text = " ".join(["word"] * 280)
+    prompt_tokens = len(base.tokenizer(base.tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    ), add_special_tokens=False).input_ids)  # fmt: skip
+    reach = prompt_tokens + 20
+    budget = decoder_for(base).footprint([reach], [prompt_tokens])
+    engine = engine_with(base, kv_cache_bytes=budget, prefill_chunk=32)
+    engine.start()
+    streams = [submit(engine, text, max_new_tokens=20, temperature=0) for _ in range(3)]
+    for stream in streams:
+        assert stream.result(120).finish_reason == "length"
+    engine.stop()
+    assert 0 < engine.kv_allocated_peak <= budget

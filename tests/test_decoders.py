@@ -398,3 +398,34 @@ def test_a_long_prompt_prefilled_in_chunks_gives_the_model_s_logits(
         assert torch.allclose(first, expected(model, running), atol=1e-4, rtol=1e-4)
         assert torch.allclose(second, expected(model, long), atol=1e-4, rtol=1e-4)
         decoder.keep([0])
+
+
+def test_a_longer_prompt_joins_after_the_cache_has_compacted() -> None:
+    """Found in review: joining rows computed how far to shift before making room, and making
+    room can move the used columns to the front; the join then wrote before column 0."""
+    model = llama()
+    weights = LlamaWeights.of(model)
+    assert weights is not None
+    decoder = LlamaDecoder(weights)
+    generator = torch.Generator().manual_seed(9)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, SHAPE["vocab_size"], (n,), generator=generator).tolist()
+
+    sequences = [tokens(100), tokens(10)]
+    decoder.prefill([torch.tensor(s) for s in sequences], reach=[130, 130])
+    for _ in range(20):
+        step = tokens(len(sequences))
+        for sequence, token in zip(sequences, step, strict=True):
+            sequence.append(token)
+        decoder.decode(step)
+    decoder.keep([1])
+    sequences = [sequences[1], tokens(150), tokens(150)]
+    logits = decoder.prefill([torch.tensor(s) for s in sequences[1:]], reach=[200, 200])
+    for row, sequence in zip(logits, sequences[1:], strict=True):
+        assert torch.allclose(row, expected(model, sequence), atol=1e-4, rtol=1e-4)
+    step = tokens(3)
+    for sequence, token in zip(sequences, step, strict=True):
+        sequence.append(token)
+    for row, sequence in zip(decoder.decode(step), sequences, strict=True):
+        assert torch.allclose(row, expected(model, sequence), atol=1e-4, rtol=1e-4)

@@ -199,7 +199,13 @@ class Batch:
         long = [stream for stream in streams if stream.prompt_tokens > self.chunk]
         for stream in long:
             seeded = stream.params.seed is not None
-            partial = self.decoder.begin(stream.input_ids[0], reuse=not seeded, reach=stream.reach)
+            try:
+                prompt = stream.input_ids[0]
+                partial = self.decoder.begin(prompt, reuse=not seeded, reach=stream.reach)
+            except Exception as exc:  # the others go on
+                log.exception("starting a prefill failed")
+                stream._finish(None, exc)
+                continue
             self.pending.append((Row.of(stream), partial))
         streams = [stream for stream in streams if stream.prompt_tokens <= self.chunk]
         for group in prefill_groups(streams):

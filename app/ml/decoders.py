@@ -33,8 +33,9 @@ class Decoder(Protocol):
         tokens its row will hold (prompt and answer)."""
         ...
 
-    def footprint(self, reach: list[int] | None = None) -> int:
-        """The most bytes the KV cache can take with its rows, plus new rows of these reaches."""
+    def footprint(self, reach: list[int] | None = None, chunked: list[int] | None = None) -> int:
+        """The most bytes the KV cache can take with its rows, plus new rows of these reaches
+        and the buffers of new prompts of these lengths to prefill in chunks."""
         ...
 
     @property
@@ -130,9 +131,10 @@ class TransformersDecoder:
         self.reach += reach or [self.context_length] * len(prompts)
         return logits
 
-    def footprint(self, reach: list[int] | None = None) -> int:
+    def footprint(self, reach: list[int] | None = None, chunked: list[int] | None = None) -> int:
         """The most bytes the KV cache can take with its rows, plus new rows of these reaches:
-        every row padded to the longest reach, twice over while a join concatenates."""
+        every row padded to the longest reach, twice over while a join concatenates (prompts
+        are prefilled whole here: no chunk buffers)."""
         all_reach = [*self.reach, *(p.reach for p in self.partials), *(reach or [])]
         return 2 * len(all_reach) * max(all_reach, default=0) * self.bytes_per_token
 

@@ -83,6 +83,8 @@ class GenerationStream:
     _lease: ExitStack
     owner: Hashable | None = None
     """Who asked (an API key's id): the engine caps each owner's requests in flight."""
+    kv_cost: int = 0
+    """Bytes of KV cache this request reserves alone (set when the engine has a budget)."""
     _deltas: queue.Queue[str | None] = field(default_factory=queue.Queue)
     _done: threading.Event = field(default_factory=threading.Event)
     _cancelled: threading.Event = field(default_factory=threading.Event)
@@ -247,6 +249,9 @@ class EngineLimits:
     waits until its row fits; one that cannot fit even alone is refused at once."""
     max_per_owner: int | None = None
     """Requests one owner may have waiting or running at once (None: no cap)."""
+    kv_share_per_owner: float = 1.0
+    """Share of `kv_cache_bytes` one owner's running requests may reserve; beyond, its next
+    request waits (one request alone always may run). 1: no share of its own."""
     prefill_chunk: int = PREFILL_CHUNK
     """Prompts longer than this many tokens are prefilled this many a step, between decode
     steps of the running requests."""
@@ -271,6 +276,7 @@ class Engine:
         self._waiting: deque[GenerationStream] = deque()
         self._wake = threading.Condition()
         self._owners: Counter[Hashable] = Counter()
+        self._owner_kv: Counter[Hashable] = Counter()  # bytes reserved by running requests
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.kv_bytes = 0
@@ -341,6 +347,8 @@ class Engine:
             stream = GenerationStream(version, input_ids, params, stack, owner)
             self._check(stream)
             with self._wake:
+                if self._stopping.is_set():  # stop() empties the queue under this lock
+                    raise EngineStopped("the service is shutting down")
                 if len(self._waiting) >= self.max_waiting:
                     raise EngineBusy(
                         f"{self.max_waiting} requests are already waiting for the model; "
@@ -378,7 +386,8 @@ class Engine:
             )
         budget = self.limits.kv_cache_bytes
         if budget is not None:
-            alone = decoder_for(version).footprint([stream.reach])
+            alone = decoder_for(version).footprint([stream.reach], self._chunked(stream))
+            stream.kv_cost = alone
             if alone > budget:
                 raise PromptTooLong(
                     f"the prompt is {tokens} tokens; with max_new_tokens={params.max_new_tokens} "
@@ -386,6 +395,16 @@ class Engine:
                     f"{budget / 2**20:.0f} MiB all requests share (KV_CACHE_BYTES): shorten the "
                     "prompt or ask for fewer tokens"
                 )
+
+    def _chunked(self, stream: GenerationStream) -> list[int]:
+        """The prompt's length when it will be prefilled in chunks (into a buffer of its own)."""
+        return [stream.prompt_tokens] if stream.prompt_tokens > self.limits.prefill_chunk else []
+
+    def _release_kv(self, owner: Hashable, cost: int) -> None:
+        with self._wake:
+            self._owner_kv[owner] -= cost
+            if self._owner_kv[owner] <= 0:
+                del self._owner_kv[owner]
 
     def _release(self, owner: Hashable) -> None:
         with self._wake:
@@ -419,7 +438,7 @@ class Engine:
             while running == 0 and not self._waiting and not self._stopping.is_set():
                 self._wake.wait()
             taken: list[GenerationStream] = []
-            joining: dict[Lane, list[int]] = {}
+            joining: dict[Lane, tuple[list[int], list[int]]] = {}  # reaches, chunked lengths
             footprints = {lane: b.decoder.footprint() for lane, b in batches.items()}
             now = time.perf_counter()
             admitted, full = 0, False
@@ -431,16 +450,24 @@ class Engine:
                 if full or running + admitted >= self.max_batch:
                     continue
                 if budget is not None:
+                    owner, share = stream.owner, self.limits.kv_share_per_owner
+                    held = self._owner_kv.get(owner, 0) if owner is not None else 0
+                    if held and held + stream.kv_cost > share * budget:
+                        continue  # this owner's share is taken: the others go first
                     lane = lane_of(stream)
                     batch = batches.get(lane)
                     decoder = batch.decoder if batch is not None else decoder_for(stream.version)
-                    reach = [*joining.get(lane, []), stream.reach]
-                    after = decoder.footprint(reach)
+                    reach, chunked = joining.get(lane, ([], []))
+                    reach, chunked = [*reach, stream.reach], [*chunked, *self._chunked(stream)]
+                    after = decoder.footprint(reach, chunked)
                     if sum(footprints.values()) - footprints.get(lane, 0) + after > budget:
                         # The oldest has waited long enough: room is kept for it.
                         full = now - stream._submitted > HEAD_WAIT and stream is self._waiting[0]
                         continue
-                    joining[lane], footprints[lane] = reach, after
+                    joining[lane], footprints[lane] = (reach, chunked), after
+                    if owner is not None:
+                        self._owner_kv[owner] += stream.kv_cost
+                        stream._lease.callback(self._release_kv, owner, stream.kv_cost)
                 self._waiting.remove(stream)
                 taken.append(stream)
                 admitted += 1
@@ -453,6 +480,8 @@ class Engine:
         while not self._stopping.is_set():
             arrivals = self._admit(batches)
             if self._stopping.is_set():
+                for stream in arrivals:  # taken from the queue after stop() emptied it
+                    stream._finish(None, EngineStopped("the service is shutting down"))
                 break
             joining: dict[Lane, list[GenerationStream]] = {}
             for stream in arrivals:

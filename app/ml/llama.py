@@ -599,11 +599,13 @@ class LlamaDecoder:
         """Rows in the batch."""
         return self.cache.rows
 
-    def footprint(self, reach: list[int] | None = None) -> int:
+    def footprint(self, reach: list[int] | None = None, chunked: list[int] | None = None) -> int:
         """The most bytes the KV cache can take with its rows, plus new rows of these reaches
-        (a long prompt being prefilled counts twice: its own buffer, then its row)."""
+        and the buffers of new prompts of these lengths to prefill in chunks (a long prompt
+        being prefilled counts twice: its own buffer, then its row)."""
         pending = [partial.reach for partial in self.partials]
-        buffers = sum(self.cache.bytes_per_column * len(p.prompt) for p in self.partials)
+        lengths = [len(p.prompt) for p in self.partials] + (chunked or [])
+        buffers = self.cache.bytes_per_column * sum(lengths)
         return self.cache.footprint([*pending, *(reach or [])]) + buffers
 
     @property
@@ -698,9 +700,11 @@ class LlamaDecoder:
         input_ids = torch.zeros(group, width, dtype=torch.long)
         for i, prompt in enumerate(prompts):
             input_ids[i, int(pad[i]) :] = prompt[int(reused[i]) :]
-        grow = max(0, span - cache.length)
         reach = reach or [cache.limit] * group
-        cache.make_room(old + group, grow, reach)
+        # Room for the longest prompt beside the used columns; making it may move them to the
+        # front, so how far the rows shift is known only afterwards.
+        cache.make_room(old + group, max(0, span - (cache.length - cache.first)), reach)
+        grow = max(0, span - cache.length)
         cache.shift(grow)
         end = cache.length  # the prompts end where the batch's rows do
         starts = end - lengths

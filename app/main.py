@@ -21,6 +21,7 @@ from app.ml.engine import Engine, EngineLimits, EngineStopped
 from app.ml.registry import ModelRegistry, NoModelLoaded
 from app.services.errors import (
     Busy,
+    ClientGone,
     Conflict,
     InvalidInput,
     NotFound,
@@ -98,6 +99,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db_engine.dispose()
 
 
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a request whose client closed the connection first."""
+
+
 def _error(status_code: int, detail: object) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status_code)
 
@@ -114,6 +119,8 @@ def _install_error_handlers(app: FastAPI) -> None:
             return _error(status.HTTP_404_NOT_FOUND, exc.message)
         if isinstance(exc, Conflict):
             return _error(status.HTTP_409_CONFLICT, exc.message)
+        if isinstance(exc, ClientGone):
+            return _error(CLIENT_CLOSED_REQUEST, exc.message)
         if isinstance(exc, Busy):
             response = _error(status.HTTP_429_TOO_MANY_REQUESTS, exc.message)
             response.headers["Retry-After"] = "1"

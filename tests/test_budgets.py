@@ -189,8 +189,9 @@ def test_a_non_streamed_request_is_cancelled_when_its_client_goes_away(
         )
         holder.start()  # takes the only batch slot
         time.sleep(0.2)
+        retried = {**admin, "Idempotency-Key": "gone-once"}
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url, json={**body, "prompt": "Another one."}, headers=admin, timeout=0.3)
+            httpx.post(url, json={**body, "prompt": "Another one."}, headers=retried, timeout=0.3)
         holder.join(120)
         deadline = time.monotonic() + 30
         while True:
@@ -204,6 +205,17 @@ def test_a_non_streamed_request_is_cancelled_when_its_client_goes_away(
         held, gone = by_prompt["Tell me a long story."], by_prompt["Another one."]
         assert held.finish_reason == "length" and held.completion_tokens == 450
         assert gone.finish_reason == "cancelled" and gone.completion_tokens < 450
+        # The cancelled answer is not kept for the key to replay: the retry runs.
+        stack.close()
+        deadline = time.monotonic() + 30
+        while (
+            retry := httpx.post(url, json={**body, "prompt": "Another one."}, headers=retried)
+        ).status_code == 409:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert retry.status_code == 200, retry.text
+        assert retry.json()["finish_reason"] == "length"
+        assert "Idempotent-Replayed" not in retry.headers
     finally:
         stack.close()
         server.should_exit = True

@@ -186,6 +186,8 @@ def chat_completions(body: ChatCompletionRequest, ctx: GeneratingDep) -> Any:
         return _stream(run.stream, run.record, chunk)
     completion = generations.wait_for(run.stream, disconnected=ctx.disconnected)
     row_id = run.record(completion)
+    if completion.finish_reason == "cancelled":
+        raise generations.gone(row_id)
     return ChatCompletion(
         id=f"chatcmpl-{row_id}", created=run.created, model=run.model, generation_id=row_id,
         system_fingerprint=run.fingerprint,
@@ -217,6 +219,8 @@ def completions(body: CompletionRequest, ctx: GeneratingDep) -> Any:
         return _stream(run.stream, run.record, chunk)
     completion = generations.wait_for(run.stream, disconnected=ctx.disconnected)
     row_id = run.record(completion)
+    if completion.finish_reason == "cancelled":
+        raise generations.gone(row_id)
     return TextCompletion(
         id=f"cmpl-{row_id}", created=run.created, model=run.model, generation_id=row_id,
         system_fingerprint=run.fingerprint,

@@ -23,6 +23,11 @@ class Unavailable(ServiceError):
     """A service the request needs is down (503); retrying later can succeed."""
 
 
+class ClientGone(ServiceError):
+    """The client went away before its answer was ready (499, nginx's code): the partial answer
+    is recorded, and nothing is kept for an Idempotency-Key to replay."""
+
+
 class Busy(ServiceError):
     """Too many requests are waiting (429); retrying shortly can succeed."""
 

@@ -22,7 +22,7 @@ from app.ml.engine import (
 )
 from app.ml.registry import ServingVersion
 from app.models import Feedback, Generation, ModelVersion, Task
-from app.services.errors import Busy, InvalidInput, NotFound
+from app.services.errors import Busy, ClientGone, InvalidInput, NotFound
 from app.services.prompts import language_name, user_message
 
 T = TypeVar("T")
@@ -142,11 +142,16 @@ def recorder(
     return record
 
 
+def gone(row_id: int) -> ClientGone:
+    """The error for a generation whose client went away (it was recorded as cancelled)."""
+    return ClientGone(f"the client went away; generation {row_id} was recorded as cancelled")
+
+
 def wait_for(
     stream: GenerationStream, *, disconnected: Callable[[], bool] | None = None
 ) -> Completion:
     """The whole answer; a client that goes away meanwhile cancels it (the partial answer is
-    still returned, to be recorded)."""
+    still returned, to be recorded, with finish_reason `cancelled`)."""
     while disconnected is not None:
         try:
             return stream.result(timeout=DISCONNECT_POLL)
@@ -180,16 +185,19 @@ def create_generation(
     disconnected: Callable[[], bool] | None = None,
 ) -> Generation:
     """Run the model on one task input, wait for the answer and record it; a client that goes
-    away meanwhile cancels it, and what was generated is recorded as `cancelled`."""
+    away meanwhile cancels it: what was generated is recorded as `cancelled`, then ClientGone."""
     stream, prompt = start_generation(
         engine, task=task, data=data, params=params, max_chars=max_chars,
         version_lease=version_lease, owner=api_key_id,
     )  # fmt: skip
     release_connection(session)
-    return record_generation(
+    row = record_generation(
         session, api_key_id=api_key_id, task=task, data=data, prompt=prompt, params=params,
         completion=wait_for(stream, disconnected=disconnected),
     )  # fmt: skip
+    if row.finish_reason == "cancelled":
+        raise gone(row.id)
+    return row
 
 
 def get_generation(

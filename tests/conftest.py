@@ -9,8 +9,9 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -196,6 +197,18 @@ def sessions(settings: Settings) -> Iterator[object]:
     engine = make_engine(settings.sqlalchemy_url)
     yield make_sessionmaker(engine)
     engine.dispose()
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.25) -> Any:
+    """The first true value `condition` returns, polling every `every` seconds; fails the test
+    naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def free_port() -> int:

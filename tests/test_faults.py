@@ -31,9 +31,9 @@ from sqlalchemy import select
 from app.config import Settings
 from app.migrate import upgrade
 from app.models import Comparison, Feedback, Generation
-from tests.conftest import ADMIN_KEY, api_ready, free_port, reset_database, stop_process
+from tests.conftest import ADMIN_KEY, api_ready, free_port, reset_database, stop_process, wait_until
 from tests.test_training import FAST, QUICK_GATE
-from tests.test_worker_rounds import _env, _wait
+from tests.test_worker_rounds import _env
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PG_BIN = next(
@@ -100,7 +100,7 @@ class RedisServer:
             except redis.RedisError:
                 return False
 
-        _wait(answers, 20, "redis-server to answer")
+        wait_until(answers, 20, "redis-server to answer")
 
     def stop(self) -> None:
         """Stop it."""
@@ -171,7 +171,7 @@ class TestRedisStopped:
                     run = client.get(f"/v1/training/runs/{started.json()['id']}").json()
                     return run if run["status"] not in ("queued", "running") else None
 
-                run = _wait(finished, 240, "the worker to run the round")
+                run = wait_until(finished, 240, "the worker to run the round")
                 assert run["status"] in ("succeeded", "rejected"), run
             # It trained on the ratings taken while Redis was down.
             with sessions() as session:
@@ -299,7 +299,7 @@ class TestPostgresRestarted:
             rater = Rater(client, ids)
             thread = threading.Thread(target=rater.run)
             thread.start()
-            _wait(lambda: len(rater.acknowledged) >= 5, 30, "the first ratings")
+            wait_until(lambda: len(rater.acknowledged) >= 5, 30, "the first ratings")
 
             postgres.pg_ctl("stop")
             for method, path in [("POST", "/v1/generate"), ("GET", "/v1/generations"),
@@ -314,7 +314,7 @@ class TestPostgresRestarted:
             assert client.post("/v1/generate", json=body).status_code == 200
 
             # Then once more with the server restarted under requests in flight.
-            _wait(lambda: len(rater.acknowledged) >= 20, 60, "more ratings")
+            wait_until(lambda: len(rater.acknowledged) >= 20, 60, "more ratings")
             postgres.pg_ctl("restart")
             thread.join(120)
             rater.stop.set()
@@ -425,7 +425,7 @@ def test_nothing_acknowledged_is_lost_when_the_api_process_is_killed(
             },
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        _wait(lambda: api_ready(base), 120, "the API to start")
+        wait_until(lambda: api_ready(base), 120, "the API to start")
         return process
 
     seed = random.randrange(2**32)
@@ -436,7 +436,7 @@ def test_nothing_acknowledged_is_lost_when_the_api_process_is_killed(
     try:
         for thread in threads:
             thread.start()
-        _wait(lambda: sum(len(p.ratings) for p in posters) >= 10, 60, "the first ratings")
+        wait_until(lambda: sum(len(p.ratings) for p in posters) >= 10, 60, "the first ratings")
         threading.Event().wait(pause)
         killed_at = time.monotonic()
         api.send_signal(signal.SIGKILL)
@@ -444,7 +444,7 @@ def test_nothing_acknowledged_is_lost_when_the_api_process_is_killed(
         before = sum(len(p.ratings) for p in posters)
         api = start()
         ready_at = time.monotonic()
-        _wait(lambda: sum(len(p.ratings) for p in posters) >= before + 10, 60, "ratings again")
+        wait_until(lambda: sum(len(p.ratings) for p in posters) >= before + 10, 60, "ratings again")
     finally:
         for poster in posters:
             poster.stop.set()

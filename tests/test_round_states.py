@@ -26,7 +26,7 @@ from app.models import (
 )
 from app.services.training import claim, fail_if_stale, transition
 from app.services.versions import activate, ensure_base_version, promote
-from tests.conftest import REDIS_TEST_URL, reset_database
+from tests.conftest import REDIS_TEST_URL, reset_database, wait_until
 from tests.test_serving import publish_adapter
 from tests.test_training import FAST, QUICK_GATE, RATED, rate_with_corrections, start
 from worker.training.rounds import (
@@ -50,16 +50,6 @@ def db_url(pg_url: str) -> str:
 def settings(settings: Settings) -> Settings:
     """A small minimum, and a short heartbeat period so a lost round notices within a second."""
     return settings.model_copy(update={"training_min_items": 4, "training_stale_after": 2.0})
-
-
-def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _in_thread(work: Callable[[], RunStatus]) -> tuple[threading.Thread, list[RunStatus]]:
@@ -129,7 +119,7 @@ def test_a_round_declared_lost_stops_and_publishes_nothing(
     slow = {"train": {**FAST, "epochs": 40}, "gate": QUICK_GATE}
     run_id = start(sessions, slow)
     thread, result = _in_thread(lambda: run_round(sessions, settings, run_id))
-    _wait(_training(sessions, run_id), 120, "the round to start training")
+    wait_until(_training(sessions, run_id), 120, "the round to start training", every=0.1)
     with sessions() as session:
         run = session.get(TrainingRun, run_id)
         assert run is not None
@@ -158,7 +148,7 @@ def test_an_admin_activation_during_a_round_wins(
     slow = {"train": {**FAST, "epochs": 10}, "gate": QUICK_GATE}
     run_id = start(sessions, slow)
     thread, result = _in_thread(lambda: run_round(sessions, settings, run_id))
-    _wait(_training(sessions, run_id), 120, "the round to start training")
+    wait_until(_training(sessions, run_id), 120, "the round to start training", every=0.1)
     response = client.post(f"/v1/models/{chosen}/activate", headers=admin)
     assert response.status_code == 200, response.text
     thread.join(300)
@@ -276,12 +266,12 @@ def test_heartbeats_come_from_a_thread_until_the_run_is_lost(
             return bool(run and run.heartbeat_at and run.heartbeat_at > moment)
 
     with Heartbeat(sessions, run_id, 0.1) as heartbeat:
-        _wait(lambda: beat_after(first), 10, "a heartbeat from the thread")
+        wait_until(lambda: beat_after(first), 10, "a heartbeat from the thread", every=0.1)
         heartbeat.check()
         with sessions() as session:
             run = session.get(TrainingRun, run_id)
             assert run is not None and fail_if_stale(session, run, 0)
-        _wait(heartbeat.lost.is_set, 10, "the heartbeat to notice")
+        wait_until(heartbeat.lost.is_set, 10, "the heartbeat to notice", every=0.1)
         with pytest.raises(RoundLost):
             heartbeat.check()
 

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.main import create_app
 from app.models import Feedback, ModelVersion, TrainingRun
-from tests.conftest import ADMIN_KEY, REDIS_TEST_URL, reset_database, stop_process
+from tests.conftest import ADMIN_KEY, REDIS_TEST_URL, reset_database, stop_process, wait_until
 from tests.test_training import FAST, QUICK_GATE, rate_with_corrections
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -83,22 +83,12 @@ def start_worker(
         stop_process(process)
 
 
-def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def _final_run(client: TestClient, run_id: int, timeout: float = 240) -> dict[str, Any]:
     def final() -> dict[str, Any] | None:
         run = client.get(f"/v1/training/runs/{run_id}", headers=ADMIN).json()
         return run if run["status"] not in ("queued", "running") else None
 
-    result: dict[str, Any] = _wait(final, timeout, f"run {run_id} to finish")
+    result: dict[str, Any] = wait_until(final, timeout, f"run {run_id} to finish")
     return result
 
 
@@ -127,7 +117,7 @@ def test_round_on_a_worker_is_served_without_restart(
         # Redis announces it at once (the hourly poll cannot help); without Redis the 1 s poll
         # finds it. The bound is loose on purpose (a busy 2-core machine); bench/swap.py
         # measures the latency.
-        _wait(served, 30, "the app to serve v1")
+        wait_until(served, 30, "the app to serve v1")
 
 
 def test_worker_killed_mid_round_leaves_nothing_half_done(
@@ -150,7 +140,7 @@ def test_worker_killed_mid_round_leaves_nothing_half_done(
                     and run.heartbeat_at > run.started_at
                 )
 
-        _wait(training_started, 120, "training steps")
+        wait_until(training_started, 120, "training steps")
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=10)
 
@@ -208,7 +198,7 @@ def test_beat_starts_rounds_on_schedule(settings: Settings, tmp_path: Path, sess
                 query = select(TrainingRun).where(TrainingRun.trigger == "schedule")
                 return [run for run in session.scalars(query) if run.status.value == "skipped"]
 
-        runs = _wait(scheduled_runs, 90, "a scheduled round")
+        runs = wait_until(scheduled_runs, 90, "a scheduled round")
         assert "minimum is 4" in (runs[0].reason or "")
     finally:
         for process in processes:

@@ -30,6 +30,7 @@ from app.services.idempotency import (
     fingerprint,
 )
 from app.services.keys import authenticate
+from app.web.limits import read_body, replaying
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,7 +87,7 @@ class IdempotencyMiddleware:
         if not VALID_KEY.fullmatch(key):
             await _error(422, BAD_KEY)(scope, receive, send)
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)
         if body is None:  # the client left
             return
         if _streams(body):
@@ -110,7 +111,7 @@ class IdempotencyMiddleware:
             await _error(409, IN_FLIGHT, retry_after=1)(scope, receive, send)
         else:
             assert begun.record_id is not None
-            await self._run(scope, _replaying(body, receive), send, caller, begun.record_id)
+            await self._run(scope, replaying(body, receive), send, caller, begun.record_id)
 
     async def _run(
         self, scope: Scope, receive: Receive, send: Send, caller: Caller, record_id: int
@@ -160,31 +161,6 @@ async def _quietly(call: Callable[[], None]) -> None:
         await _in_thread(call)
     except SQLAlchemyError as exc:
         log.warning("could not update an Idempotency-Key record: %s", type(exc).__name__)
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def _replaying(body: bytes, receive: Receive) -> Receive:
-    """A receive that hands the app the body already read, then waits on the client."""
-    delivered = False
-
-    async def replay() -> Message:
-        nonlocal delivered
-        if delivered:
-            return await receive()
-        delivered = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
 
 
 def _streams(body: bytes) -> bool:

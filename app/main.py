@@ -34,6 +34,7 @@ from app.services.serving import VersionFollower, load_base_version
 from app.web import pages
 from app.web.idempotency import IdempotencyMiddleware
 from app.web.limits import BodyLimit, JsonBodyCheck
+from app.web.refusals import RepeatRefusals
 
 log = logging.getLogger("app")
 
@@ -175,4 +176,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last, so it wraps the idempotency middleware, which reads bodies too.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     pages.install(app)
+    # Outermost: a refusal told again costs nothing of what is inside (see app/web/refusals.py).
+    app.add_middleware(RepeatRefusals)
     return app

@@ -78,6 +78,33 @@ def test_generation_over_the_limit_gets_429_with_retry_after(
         assert client.get("/v1/generations", headers=user).status_code == 200
 
 
+def test_a_refused_key_is_told_again_without_its_request_being_read(
+    settings: Settings, admin: Headers
+) -> None:
+    """Found by bench/abuse.py: a key retrying as fast as it could, each retry refused, took
+    most of a core in body checks, parsing and authentication. Once refused with Retry-After, the
+    same caller on the same route is refused again at once: the same body and status, before its
+    request is read (a malformed body gets the 429, not a 422), and with a Retry-After that
+    counts down; other keys and other routes are unaffected."""
+    with app_with(settings, rate_limit_generation="1/minute") as client:
+        user = new_user(client, admin)
+        assert client.post("/v1/generate", json=PROMPT, headers=user).status_code == 200
+        refused = client.post("/v1/generate", json=PROMPT, headers=user)
+        assert refused.status_code == 429
+        malformed = {"Content-Type": "application/json"}
+        again = client.post("/v1/generate", content=b"{not json", headers={**user, **malformed})
+        assert again.status_code == 429, again.text
+        assert again.json() == refused.json()
+        assert 1 <= int(again.headers["Retry-After"]) <= int(refused.headers["Retry-After"])
+        assert again.headers["X-Content-Type-Options"] == "nosniff"  # still the app's headers
+        # Not another caller, another route, or a retry carrying an Idempotency-Key.
+        other = client.post("/v1/generate", content=b"{not json", headers={**admin, **malformed})
+        assert other.status_code == 422
+        assert client.get("/v1/generations", headers=user).status_code == 200
+        keyed = {**user, "Idempotency-Key": str(uuid.uuid4())}
+        assert client.post("/v1/generate", json=PROMPT, headers=keyed).status_code == 429
+
+
 def test_feedback_has_its_own_limit(settings: Settings, admin: Headers, sessions: Sessions) -> None:
     """Ratings and comparisons count together against the feedback limit, not generation's."""
     with app_with(settings, rate_limit_feedback="1/minute") as client:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from transformers import (
 
 from app.ml.decoders import Decoder, TransformersDecoder
 from app.ml.llama import ROOM, KVCache, LlamaDecoder, LlamaWeights, PrefixStore
+from app.ml.loading import load_model
 from app.ml.lora import LoraWeights
 
 SHAPE = dict(
@@ -429,3 +431,23 @@ def test_a_longer_prompt_joins_after_the_cache_has_compacted() -> None:
         sequence.append(token)
     for row, sequence in zip(decoder.decode(step), sequences, strict=True):
         assert torch.allclose(row, expected(model, sequence), atol=1e-4, rtol=1e-4)
+
+
+def test_a_decode_step_run_a_layer_at_a_time_gives_the_logits_of_one_run_whole(
+    tiny_model_dir: Path,
+) -> None:
+    """A long batch's step runs in parts between other batches' steps; the parts compute the
+    same products in the same order, so the logits are exactly those of a whole step."""
+    model, _ = load_model(tiny_model_dir, torch.float32)
+    weights = LlamaWeights.of(model)
+    assert weights is not None
+    decoders = [LlamaDecoder(weights), LlamaDecoder(weights)]
+    prompts = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([10, 11])]
+    for decoder in decoders:
+        decoder.prefill(prompts, reuse=False)
+    whole = decoders[0].decode([3, 4])
+    step = decoders[1].start_decode([3, 4])
+    parts = [step.run(1) for _ in range(step.layers)]
+    assert all(part is None for part in parts[:-1]) and step.left == 0
+    assert parts[-1] is not None and torch.equal(parts[-1], whole)
+    assert torch.equal(decoders[1].decode([1, 2]), decoders[0].decode([1, 2]))

@@ -6,6 +6,7 @@ row by one token, `keep` drops finished rows; each returns or takes rows in batc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -15,6 +16,25 @@ from app.ml.llama import LlamaDecoder, Partial
 
 if TYPE_CHECKING:
     from app.ml.registry import ServingVersion
+
+
+class Step(Protocol):
+    """A decode step that can run a few layers at a time, so other work can go between."""
+
+    @property
+    def layers(self) -> int:
+        """Parts the step runs in (a model's layers, or 1 where it runs whole)."""
+        ...
+
+    @property
+    def left(self) -> int:
+        """Parts still to run."""
+        ...
+
+    def run(self, layers: int | None = None) -> torch.Tensor | None:
+        """Run the next `layers` parts (all that are left by default); every row's logits once
+        the step is done, None before."""
+        ...
 
 
 class Decoder(Protocol):
@@ -52,12 +72,21 @@ class Decoder(Protocol):
         as a row and the logits of its last token are returned (None before)."""
         ...
 
+    def start_chunk(self, partial: Partial, tokens: int) -> Step:
+        """The next `tokens` of a partial prompt (more are left after them) as a step to run in
+        parts; it gives logits only where it made the prompt whole (it joined as a row)."""
+        ...
+
     def drop(self, partial: Partial) -> None:
         """Stop prefilling a partial prompt."""
         ...
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
         """One token for every row; logits of the next."""
+        ...
+
+    def start_decode(self, tokens: list[int]) -> Step:
+        """A decode step to run in parts; nothing else may change the rows until it is done."""
         ...
 
     def keep(self, rows: list[int]) -> None:
@@ -85,6 +114,24 @@ def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class _Whole:
+    """A step in one part."""
+
+    layers = 1
+
+    def __init__(self, compute: Callable[[], torch.Tensor | None]) -> None:
+        self._compute: Callable[[], torch.Tensor | None] | None = compute
+
+    @property
+    def left(self) -> int:
+        return 0 if self._compute is None else 1
+
+    def run(self, layers: int | None = None) -> torch.Tensor | None:
+        assert self._compute is not None, "the step is done"
+        compute, self._compute = self._compute, None
+        return compute()
 
 
 class TransformersDecoder:
@@ -150,6 +197,10 @@ class TransformersDecoder:
         self.partials.remove(partial)
         return self.prefill([partial.prompt], reach=[partial.reach])
 
+    def start_chunk(self, partial: Partial, tokens: int) -> Step:
+        """The whole prompt in one part: it joins as a row (see `advance`)."""
+        return _Whole(lambda: self.advance(partial, tokens))
+
     def drop(self, partial: Partial) -> None:
         """Forget a partial prompt."""
         if partial in self.partials:
@@ -192,6 +243,10 @@ class TransformersDecoder:
         )
         self.mask = mask
         return logits
+
+    def start_decode(self, tokens: list[int]) -> Step:
+        """A decode step that runs whole: transformers' forward cannot stop between layers."""
+        return _Whole(lambda: self.decode(tokens))
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows, in this order; trims columns no row uses any more."""

@@ -229,6 +229,12 @@ PREFILL_SHARE = 0.5
 """While requests are decoding, a step's chunk of a long prompt is sized to take about this
 share of the latest decode steps' time: their next tokens wait that much longer, no more."""
 
+LONG_SHARE = 1.0
+"""While short requests are decoding, the long requests' batches get, between two of their
+steps, a piece of their own work (a chunk of a prompt, or some layers of a decode step) taking
+about this many times as long as those steps took: the short requests' time between tokens
+grows by at most that much, and long requests still get about half of the time."""
+
 HEAD_WAIT = 2.0
 """Seconds the oldest waiting request may be passed over by later ones that fit the KV-cache
 budget; after that nothing more is admitted until it fits, so a large request never starves."""
@@ -336,6 +342,10 @@ class Engine:
         """
         if self._stopping.is_set():
             raise EngineStopped("the service is shutting down")
+        # Refused before its prompt is rendered and tokenized: a key retrying as fast as it may
+        # took a third of a core in tokenizing long prompts only to be refused, and the
+        # generation thread waited for the interpreter lock behind it.
+        self._check_owner(owner)
         stack = ExitStack()
         try:
             version = stack.enter_context(lease or self.registry.lease())
@@ -354,13 +364,8 @@ class Engine:
                         f"{self.max_waiting} requests are already waiting for the model; "
                         "retry shortly"
                     )
-                cap = self.limits.max_per_owner
-                if owner is not None and cap is not None:
-                    if self._owners[owner] >= cap:
-                        raise OwnerBusy(
-                            f"this key already has {cap} generations in progress, the most one "
-                            "key may have (MAX_REQUESTS_PER_KEY); retry when one has finished"
-                        )
+                if owner is not None and self.limits.max_per_owner is not None:
+                    self._check_owner(owner)
                     self._owners[owner] += 1
                     stack.callback(self._release, owner)
                 self._waiting.append(stream)
@@ -369,6 +374,15 @@ class Engine:
             stack.close()
             raise
         return stream, prompt
+
+    def _check_owner(self, owner: Hashable | None) -> None:
+        """OwnerBusy if this owner already has as many requests in the engine as one may."""
+        cap = self.limits.max_per_owner
+        if owner is not None and cap is not None and self._owners[owner] >= cap:
+            raise OwnerBusy(
+                f"this key already has {cap} generations in progress, the most one key may "
+                "have (MAX_REQUESTS_PER_KEY); retry when one has finished"
+            )
 
     def _check(self, stream: GenerationStream) -> None:
         """Refuse a request this engine could never run: PromptTooLong, with what to change."""
@@ -439,9 +453,13 @@ class Engine:
                 self._wake.wait()
             taken: list[GenerationStream] = []
             joining: dict[Lane, tuple[list[int], list[int]]] = {}  # reaches, chunked lengths
-            footprints = {lane: b.decoder.footprint() for lane, b in batches.items()}
+            footprints = {lane: b.footprint() for lane, b in batches.items()}
             now = time.perf_counter()
             admitted, full = 0, False
+            # While rows decode, the prompts prefilled whole between two steps are held to
+            # about one chunk's tokens: many short prompts arriving at once would otherwise
+            # stall every running row for their whole prefill.
+            prefill_room = self.limits.prefill_chunk if running else None
             for stream in list(self._waiting):
                 if stream.cancelled:  # finished at once, taking no slot
                     self._waiting.remove(stream)
@@ -449,6 +467,10 @@ class Engine:
                     continue
                 if full or running + admitted >= self.max_batch:
                     continue
+                whole = not self._chunked(stream)
+                room = prefill_room
+                if whole and room is not None and stream.prompt_tokens > room and admitted:
+                    continue  # the next step's turn (the first one taken always fits)
                 if budget is not None:
                     owner, share = stream.owner, self.limits.kv_share_per_owner
                     held = self._owner_kv.get(owner, 0) if owner is not None else 0
@@ -456,10 +478,12 @@ class Engine:
                         continue  # this owner's share is taken: the others go first
                     lane = lane_of(stream)
                     batch = batches.get(lane)
-                    decoder = batch.decoder if batch is not None else decoder_for(stream.version)
                     reach, chunked = joining.get(lane, ([], []))
                     reach, chunked = [*reach, stream.reach], [*chunked, *self._chunked(stream)]
-                    after = decoder.footprint(reach, chunked)
+                    if batch is not None:
+                        after = batch.footprint(reach, chunked)
+                    else:
+                        after = decoder_for(stream.version).footprint(reach, chunked)
                     if sum(footprints.values()) - footprints.get(lane, 0) + after > budget:
                         # The oldest has waited long enough: room is kept for it.
                         full = now - stream._submitted > HEAD_WAIT and stream is self._waiting[0]
@@ -471,6 +495,8 @@ class Engine:
                 self._waiting.remove(stream)
                 taken.append(stream)
                 admitted += 1
+                if whole and prefill_room is not None:
+                    prefill_room -= stream.prompt_tokens
             self.kv_bytes = sum(footprints.values())
             return taken
 
@@ -500,11 +526,16 @@ class Engine:
                         if not stream._done.is_set():
                             stream._finish(None, exc)
             outbox.flush()  # first tokens go out before the step
-            decoding = sum(batch.decode_seconds for batch in batches.values())
-            prefill_seconds = PREFILL_SHARE * decoding if decoding > 0 else None
-            for lane, batch in list(batches.items()):
+            # Short requests (chats) step every time; long ones get a share of the time beside
+            # them, in pieces (LONG_SHARE), so that they cannot stretch every chat's tokens.
+            short = sum(b.decode_seconds for (_, long), b in batches.items() if not long)
+            for (version, long), batch in list(batches.items()):
+                lane = (version, long)
+                waits = short if short > 0 else batch.decode_seconds  # who waits for a chunk
+                prefill_seconds = PREFILL_SHARE * waits if waits > 0 else None
+                part_seconds = LONG_SHARE * short if long and short > 0 else None
                 try:
-                    for row, completion in batch.step(prefill_seconds):
+                    for row, completion in batch.step(prefill_seconds, part_seconds):
                         row.stream._finish(completion)
                 except Exception as exc:
                     log.exception("a decoding step failed; its requests fail")

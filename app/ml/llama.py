@@ -328,29 +328,65 @@ class LlamaWeights:
     ) -> torch.Tensor:
         """Hidden states after the last layer for `input_ids` [rows, tokens] at `positions`;
         `attend(layer, q, k, v)` stores keys and values and computes attention (fp32)."""
-        inner = self.model.model
-        hidden = inner.embed_tokens(input_ids).to(self.dtype)
-        rows, tokens = input_ids.shape
-        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        # Rotary embedding in fp32 on queries and keys at once: x * cos + rotate_half(x) * sin,
-        # with rotate_half(x) = roll(x) with its first half negated, folded into sin.
-        cos, sin = inner.rotary_emb(torch.empty(0), positions)
-        cos, sin = cos[:, None], sin[:, None]
-        half = head_dim // 2
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        inter = self.intermediate
-        for index, layer in enumerate(self.prefill_layers if prefill else self.layers):
-            qkv = layer.qkv(self.norm(hidden, layer.input_norm)).float()
-            qkv = qkv.view(rows, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
-            qk = qkv[:, : heads + kv_heads]
-            qk = qk * cos + qk.roll(half, dims=-1) * sin
-            out = attend(index, qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :])
-            out = out.to(hidden.dtype).transpose(1, 2).reshape(rows, tokens, heads * head_dim)
-            hidden = hidden + layer.o(out)
-            gate_up = layer.gate_up(self.norm(hidden, layer.post_norm))
-            gated = self.act(gate_up[..., :inter]) * gate_up[..., inter:]
-            hidden = hidden + layer.down(gated)
+        hidden = LayerPass(self, input_ids, positions, attend, prefill).run()
+        assert hidden is not None
         return hidden
+
+
+class LayerPass:
+    """A forward pass that can be run a few layers at a time (`run`), so that other work can
+    go between its parts; the hidden states wait in between."""
+
+    def __init__(
+        self,
+        weights: LlamaWeights,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attend: Attend,
+        prefill: bool,
+    ) -> None:
+        self.weights, self.attend = weights, attend
+        self.layers = weights.prefill_layers if prefill else weights.layers
+        self.done = 0
+        """Layers computed so far."""
+        inner = weights.model.model
+        with torch.inference_mode():
+            self.hidden = inner.embed_tokens(input_ids).to(weights.dtype)
+            # Rotary embedding in fp32 on queries and keys at once: x * cos + rotate_half(x) *
+            # sin, with rotate_half(x) = roll(x) with its first half negated, folded into sin.
+            cos, sin = inner.rotary_emb(torch.empty(0), positions)
+            cos, sin = cos[:, None], sin[:, None]
+            half = weights.head_dim // 2
+            self.cos, self.sin = cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+    @property
+    def left(self) -> int:
+        """Layers still to compute."""
+        return len(self.layers) - self.done
+
+    def run(self, layers: int | None = None) -> torch.Tensor | None:
+        """Compute the next `layers` layers (all that are left by default); the hidden states
+        after the last layer once it is done, None before."""
+        w = self.weights
+        rows, tokens, _ = self.hidden.shape
+        heads, kv_heads, head_dim, half = w.heads, w.kv_heads, w.head_dim, w.head_dim // 2
+        inter, hidden, cos, sin = w.intermediate, self.hidden, self.cos, self.sin
+        end = len(self.layers) if layers is None else min(len(self.layers), self.done + layers)
+        with torch.inference_mode():
+            for index in range(self.done, end):
+                layer = self.layers[index]
+                qkv = layer.qkv(w.norm(hidden, layer.input_norm)).float()
+                qkv = qkv.view(rows, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
+                qk = qkv[:, : heads + kv_heads]
+                qk = qk * cos + qk.roll(half, dims=-1) * sin
+                out = self.attend(index, qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :])
+                out = out.to(hidden.dtype).transpose(1, 2).reshape(rows, tokens, heads * head_dim)
+                hidden = hidden + layer.o(out)
+                gate_up = layer.gate_up(w.norm(hidden, layer.post_norm))
+                gated = w.act(gate_up[..., :inter]) * gate_up[..., inter:]
+                hidden = hidden + layer.down(gated)
+        self.hidden, self.done = hidden, end
+        return hidden if self.done == len(self.layers) else None
 
 
 PREFIX_CACHE_BYTES = 128 * 2**20
@@ -583,6 +619,32 @@ class KVCache:
             self._resize(need_rows, max(need_cols, self.length - self.first))
 
 
+class DecodeStep:
+    """One decode step of a batch, or one chunk of a long prompt, run whole or a few layers at
+    a time (`run`)."""
+
+    def __init__(
+        self, layers: LayerPass, finish: Callable[[torch.Tensor], torch.Tensor | None]
+    ) -> None:
+        self._pass, self._finish = layers, finish
+
+    @property
+    def layers(self) -> int:
+        """Layers in the step."""
+        return len(self._pass.layers)
+
+    @property
+    def left(self) -> int:
+        """Layers still to compute."""
+        return self._pass.left
+
+    def run(self, layers: int | None = None) -> torch.Tensor | None:
+        """Compute the next `layers` layers (all that are left by default); every row's logits
+        once a decode step is done, None before (and always for a chunk)."""
+        hidden = self._pass.run(layers)
+        return None if hidden is None else self._finish(hidden)
+
+
 class LlamaDecoder:
     """The rows of one batch: prefill adds rows, decode steps all of them."""
 
@@ -637,8 +699,16 @@ class LlamaDecoder:
             self.partials.remove(partial)
             known = Prefix(partial.prompt[: partial.done].tolist(), partial.keys, partial.values)
             return self.prefill([partial.prompt], reach=[partial.reach], known=[known])
+        self.start_chunk(partial, tokens).run()
+        return None
+
+    def start_chunk(self, partial: Partial, tokens: int) -> DecodeStep:
+        """The next `tokens` of a partial prompt (more are left after them) as a step to run a
+        few layers at a time; it gives no logits. Nothing else may advance this prompt until it
+        is done."""
         weights, start = self.weights, partial.done
         end = start + tokens
+        assert end < len(partial.prompt), "its last tokens join the batch: advance()"
         # A query sees every key up to its own position: the stored ones and its chunk's.
         mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
 
@@ -650,15 +720,16 @@ class LlamaDecoder:
                 attn_mask=mask, scale=weights.scaling, enable_gqa=True,
             )  # fmt: skip
 
+        def finish(hidden: torch.Tensor) -> None:
+            partial.done = end
+
         # A small chunk is bound by reading the weights, like a decode step: it runs on the
         # decode weights (4-bit where they are), a large one on the model's own.
-        with torch.inference_mode():
-            weights.forward(
-                partial.prompt[None, start:end], torch.arange(start, end)[None, :], attend,
-                prefill=tokens > SMALL_CHUNK,
-            )  # fmt: skip
-        partial.done = end
-        return None
+        layers = LayerPass(
+            weights, partial.prompt[None, start:end], torch.arange(start, end)[None, :], attend,
+            prefill=tokens > SMALL_CHUNK,
+        )  # fmt: skip
+        return DecodeStep(layers, finish)
 
     def drop(self, partial: Partial) -> None:
         """Stop prefilling a partial prompt (its request was cancelled, or it failed)."""
@@ -772,6 +843,13 @@ class LlamaDecoder:
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
         """One token for every row; logits of the next."""
+        logits = self.start_decode(tokens).run()
+        assert logits is not None
+        return logits
+
+    def start_decode(self, tokens: list[int]) -> DecodeStep:
+        """A decode step (one token for every row) to run a few layers at a time; nothing else
+        may change this decoder's rows until it is done."""
         cache, weights = self.cache, self.weights
         cache.make_room(cache.rows, 1)
         n, first, column = cache.rows, cache.first, cache.length
@@ -794,13 +872,14 @@ class LlamaDecoder:
             out = torch.matmul(torch.softmax(scores, dim=-1), values[:n, :, first : column + 1])
             return out.view(n, weights.heads, 1, head_dim)
 
-        with torch.inference_mode():
-            hidden = weights.forward(
-                torch.tensor(tokens)[:, None], positions, attend, prefill=False
-            )
-            logits = weights.logits(hidden[:, -1, :])
-        cache.length += 1
-        return logits
+        def finish(hidden: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                logits = weights.logits(hidden[:, -1, :])
+            cache.length += 1
+            return logits
+
+        inputs = torch.tensor(tokens)[:, None]
+        return DecodeStep(LayerPass(weights, inputs, positions, attend, prefill=False), finish)
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows, in this order."""

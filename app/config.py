@@ -57,11 +57,14 @@ class Settings(BaseSettings):
     round leaves all their ratings out (1 turns the rule off)."""
     training_stale_after: Annotated[float, Field(gt=0)] = 600
     """A running round with no heartbeat for this many seconds is declared lost (a round beats
-    from a thread every quarter of this, at most every 30 s, whatever it is doing)."""
+    from a thread every quarter of this, at most every 30 s, whatever it is doing), and so is a
+    queued one that no worker started in this time (its task was lost)."""
     training_max_row_failures: Annotated[int, Field(ge=1)] = 2
-    """Failed rounds a rating may be in before it is set aside: a round that fails in training
-    or the gate (an error, MemoryError, or its worker lost) counts one against every rating it
-    took; at this many, no later round takes the rating, and the run's reason says so."""
+    """Failed rounds a rating may be in before it is set aside: a round that fails while it
+    computes on a batch in training or the gate (an error, MemoryError, or its worker lost)
+    counts one against the ratings of that batch only (a failure outside any batch, no rating);
+    at this many, no later round takes the rating, the run's reason says so, and an admin can
+    restore it (`POST /v1/feedback/{id}/restore`)."""
     training_visibility_timeout: Annotated[float, Field(gt=0)] = 6 * 3600
     """Seconds Redis keeps a task for the worker that took it before it hands it to another
     (Celery's `visibility_timeout`); keep it above the longest round, or a second worker gets the
@@ -73,15 +76,15 @@ class Settings(BaseSettings):
     """Prompt tokens kept, its last ones; the answer keeps the rest of TRAINING_MAX_LENGTH. A
     correction longer than TRAINING_MAX_LENGTH - TRAINING_MAX_PROMPT_TOKENS - 1 tokens (255) is
     refused with a 422, so that no correction is ever cut."""
-    training_batch_tokens: Annotated[int, Field(ge=32)] = 4096
-    """Padded tokens in one forward pass of the gate and in one training micro-batch (rows of
-    TRAINING_MAX_LENGTH; an optimiser step still covers the round's `batch_size` rows, by
-    gradient accumulation); at least twice TRAINING_MAX_LENGTH. With TRAINING_MAX_LENGTH it
-    bounds the worker's memory beyond its model copies: a gate pass holds this many tokens of
-    activations and attention scores of at most this many x heads x TRAINING_MAX_LENGTH (20
-    maximal QA ratings: 134 MiB over the weights on the default model); a training micro-batch
-    twice this many tokens (DPO's chosen and rejected, KTO's KL pairs) with what backward keeps
-    of them, and TRL's fixed logit tile (at most 4,096 tokens x 32,768 vocabulary floats)."""
+    training_batch_tokens: Annotated[int, Field(ge=32)] = 1024
+    """Padded tokens in one forward pass of the gate and in one training micro-batch (a
+    training row is two sequences of up to TRAINING_MAX_LENGTH: DPO's chosen and rejected
+    answers, KTO's answer and its KL term's; an optimiser step still covers the round's
+    `batch_size` rows, by gradient accumulation); at least twice TRAINING_MAX_LENGTH. It bounds
+    the worker's memory beyond its two model copies: backward keeps about 3 MiB per token of a
+    micro-batch on the default model in float32 (activations and the vocabulary logits of the
+    policy and the reference), so the default's peak is about 5 GiB; each 1,024 more tokens
+    cost about 3 GiB more and shorten a round little on 2 cores."""
     training_chunk_tokens: Annotated[int, Field(ge=1, le=8192)] = 256
     """Positions projected to vocabulary logits at once when the gate computes log-probabilities:
     its logits never exceed this many x vocabulary floats (256 x 49,152 x 4 bytes = 48 MiB on

@@ -19,12 +19,13 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from app.config import Settings
 from app.db import Base, make_engine, make_sessionmaker
 from app.main import create_app
 from app.migrate import upgrade
+from app.models import ModelVersion, VersionKind, VersionStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 # Downloads and conversions survive between runs here (git-ignored).
@@ -248,3 +249,35 @@ def live(settings: Settings) -> Iterator[str]:
     del LIVE_APPS[url]
     server.should_exit = True
     thread.join(30)
+
+
+def version_statuses(sessions: Any) -> dict[str, str]:
+    """Every model version's status, by name."""
+    with sessions() as session:
+        return {v.name: v.status.value for v in session.scalars(select(ModelVersion))}
+
+
+def assert_versions_whole(sessions: Any, versions_dir: Path) -> None:
+    """No half-written version: at most one active, every adapter row's directory complete (its
+    files match its manifest), and no directory under `versions_dir` that no row names, partial
+    (`.tmp-*`) or renamed."""
+    from app.ml.checkpoints import verify_checkpoint
+
+    with sessions() as session:
+        rows = list(session.scalars(select(ModelVersion)))
+    assert [v.status for v in rows].count(VersionStatus.active) <= 1, rows
+    for row in rows:
+        if row.kind is VersionKind.adapter:
+            verify_checkpoint(Path(row.path))
+    on_disk = {p.name for p in versions_dir.iterdir()} if versions_dir.is_dir() else set()
+    assert on_disk <= {v.name for v in rows if v.kind is VersionKind.adapter}, on_disk
+
+
+def queue_round(sessions: Any, config: dict[str, Any] | None = None) -> int:
+    """Queue a training round (as the API would, without a task) and return its id."""
+    from app.services.training import request_run
+
+    with sessions() as session:
+        run, created = request_run(session, trigger="manual", config=config or {})
+        assert created, f"round {run.id} is live already"
+        return run.id

@@ -1,8 +1,9 @@
 """Faults of a real deployment, each on real servers: Redis stopped, PostgreSQL restarted, the API
-process killed. Generation and ratings keep being accepted where they can be, outages answer 503
-with Retry-After (never 500), the service recovers by itself, and nothing acknowledged is lost.
+process killed, the worker killed in the gate, the disk full. Generation and ratings keep being
+accepted where they can be, outages answer 503 with Retry-After (never 500), the service recovers
+by itself, nothing acknowledged is lost and no version is ever half written.
 
-The worker killed mid-round is in test_worker_rounds.py; a corrupt or missing version in
+The worker killed while training is in test_worker_rounds.py; a corrupt or missing version in
 test_training.py.
 """
 
@@ -26,14 +27,29 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from fastapi.testclient import TestClient
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.migrate import upgrade
-from app.models import Comparison, Feedback, Generation
-from tests.conftest import ADMIN_KEY, api_ready, free_port, reset_database, stop_process, wait_until
+from app.models import Comparison, Feedback, Generation, ModelVersion, RunStatus, TrainingRun
+from tests.conftest import (
+    ADMIN_KEY,
+    api_ready,
+    assert_versions_whole,
+    free_port,
+    queue_round,
+    reset_database,
+    stop_process,
+    version_statuses,
+    wait_until,
+)
 from tests.test_training import FAST, QUICK_GATE
 from tests.test_worker_rounds import _env
+from worker.training import rounds
+from worker.training.rounds import run_round
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PG_BIN = next(
@@ -46,12 +62,12 @@ needs_initdb = pytest.mark.skipif(
 )
 
 
-def _worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    """A Celery worker process on the settings' broker and database."""
+def _worker(settings: Settings, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """A Celery worker process on the settings' broker and database (`env`: more settings)."""
     return subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
          "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
-        env=_env(settings), stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        env={**_env(settings), **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
 
 
@@ -181,6 +197,98 @@ class TestRedisStopped:
                 assert set(rated) & set(used), run  # (the newest are held out for the gate)
         finally:
             stop_process(worker)
+
+
+class TestRedisStoppedDuringASwap:
+    """Two API apps on PostgreSQL and a private Redis; a round publishes while Redis is down."""
+
+    @pytest.fixture
+    def db_url(self, pg_url: str) -> str:
+        """The shared PostgreSQL."""
+        reset_database(pg_url)
+        return pg_url
+
+    @pytest.fixture
+    def settings(self, settings: Settings, redis_server: RedisServer) -> Settings:
+        """Redis for everything; limits high enough for the posting thread, but counted in Redis
+        while it is up."""
+        unlimited = "100000/minute"
+        return settings.model_copy(
+            update={
+                "redis_url": redis_server.url,
+                "training_min_items": 4,
+                "swap_poll_interval": 0.5,
+                "rate_limit_generation": unlimited,
+                "rate_limit_feedback": unlimited,
+            }
+        )
+
+    def test_polling_takes_over_and_the_api_keeps_answering(
+        self,
+        settings: Settings,
+        live: str,
+        client: TestClient,
+        redis_server: RedisServer,
+        sessions: Any,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """Its announcement lost, both apps still swap to the new version by polling, and every
+        request before, during and after the swap is a 2xx."""
+        client.headers.update(ADMIN)
+        _rate_corrected(client, 8)
+        run_id = queue_round(sessions, {"train": FAST, "gate": QUICK_GATE})
+        outcome: list[RunStatus] = []
+        training = threading.Thread(
+            target=lambda: outcome.append(run_round(sessions, settings, run_id))
+        )
+        training.start()
+        poster = Poster(live, 0)
+        thread = threading.Thread(target=poster.run)
+
+        def chose_its_data() -> bool:  # (the poster's random ratings stay out of the round)
+            with sessions() as session:
+                run = session.get(TrainingRun, run_id)
+                return bool(run and run.counts)
+
+        try:
+            wait_until(chose_its_data, 60, "the round to choose its ratings", every=0.1)
+            thread.start()
+            wait_until(lambda: len(poster.ratings) >= 2, 60, "the first ratings", every=0.1)
+            redis_server.stop()  # while the round trains
+            training.join(240)
+            assert outcome == [RunStatus.succeeded]
+            assert "could not announce version" in caplog.text  # it published without Redis
+            assert version_statuses(sessions) == {"v0": "retired", "v1": "active"}
+
+            def serve_v1() -> bool:
+                body = {"prompt": "Hi", "max_new_tokens": 2}
+                answers = [
+                    httpx.post(f"{live}/v1/generate", json=body, headers=ADMIN, timeout=30),
+                    client.post("/v1/generate", json=body),
+                ]
+                assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+                return all(a.json()["model_version"] == "v1" for a in answers)
+
+            wait_until(serve_v1, 30, "both apps to serve v1 by polling")
+            rated = len(poster.ratings)
+            wait_until(lambda: len(poster.ratings) >= rated + 4, 60, "ratings after the swap")
+        finally:
+            poster.stop.set()
+            training.join(240)
+            if thread.is_alive():
+                thread.join(60)
+            redis_server.start()  # the fixture stops it at the end
+        assert not thread.is_alive()
+        assert poster.failures == 0 and poster.refusals == [], poster.refusals[:5]
+        assert poster.generations and poster.ratings
+        with sessions() as session:
+            stored = set(session.scalars(select(Feedback.generation_id)))
+            assert set(poster.ratings) <= stored
+            names = {v.id: v.name for v in session.scalars(select(ModelVersion))}
+            posted = select(Generation).where(Generation.id.in_(poster.generations))
+            served = {names[g.model_version_id] for g in session.scalars(posted)}
+        assert served == {"v0", "v1"}, served
+        assert_versions_whole(sessions, settings.versions_dir)
 
 
 # --- PostgreSQL restarted ----------------------------------------------------------------------
@@ -336,6 +444,112 @@ class TestPostgresRestarted:
         assert rows == rater.acknowledged
 
 
+@needs_initdb
+class TestPostgresRestartedWhilePublishing:
+    """A private PostgreSQL restarted at three moments of a round's publication."""
+
+    @pytest.fixture
+    def db_url(self, postgres: PostgresCluster) -> str:
+        """The private cluster's database."""
+        return postgres.url
+
+    @pytest.fixture
+    def settings(self, settings: Settings) -> Settings:
+        """Few ratings make a round; a restart never makes it look lost."""
+        return settings.model_copy(update={"training_min_items": 4, "training_stale_after": 60})
+
+    @pytest.mark.parametrize(
+        ("moment", "outcome"),
+        [
+            ("before the transaction", RunStatus.succeeded),  # the pool reconnects
+            ("inside the transaction", RunStatus.failed),  # the server rolled it back
+            ("after the commit, its answer lost", RunStatus.succeeded),
+        ],
+    )
+    def test_a_round_publishes_one_whole_version_or_fails_cleanly(
+        self,
+        moment: str,
+        outcome: RunStatus,
+        settings: Settings,
+        client: TestClient,
+        postgres: PostgresCluster,
+        sessions: Any,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Exactly one complete active version, or none and a later round publishes one; never
+        a row without its directory, nor a rating used by a round that published nothing."""
+        client.headers.update(ADMIN)
+        rated = _rate_corrected(client, 8)
+        restarts: list[str] = []
+
+        def restart() -> None:
+            if not restarts:
+                restarts.append(moment)
+                postgres.pg_ctl("restart")
+
+        if moment == "before the transaction":  # the checkpoint is written, nothing recorded
+            write = rounds.write_checkpoint
+
+            def write_then_restart(*args: Any, **kwargs: Any) -> Path:
+                path = write(*args, **kwargs)
+                restart()
+                return path
+
+            monkeypatch.setattr(rounds, "write_checkpoint", write_then_restart)
+        elif moment == "inside the transaction":  # the version row added, the ratings marked
+            mark_used = rounds.mark_used
+
+            def mark_then_restart(*args: Any, **kwargs: Any) -> None:
+                mark_used(*args, **kwargs)
+                restart()
+
+            monkeypatch.setattr(rounds, "mark_used", mark_then_restart)
+        else:  # the server committed, then the connection died before the client heard it
+            publishing: list[Session] = []
+            publish, commit = rounds._publish, Session.commit
+
+            def noted_publish(session: Session, *args: Any, **kwargs: Any) -> Any:
+                publishing.append(session)
+                return publish(session, *args, **kwargs)
+
+            def commit_then_restart(self: Session) -> None:
+                commit(self)
+                if publishing and self is publishing[0]:
+                    publishing.clear()
+                    restart()
+                    lost = Exception("server closed the connection unexpectedly")
+                    raise OperationalError("COMMIT", None, lost)
+
+            monkeypatch.setattr(rounds, "_publish", noted_publish)
+            monkeypatch.setattr(Session, "commit", commit_then_restart)
+
+        run_id = queue_round(sessions, {"train": FAST, "gate": QUICK_GATE})
+        status = run_round(sessions, settings, run_id)
+        monkeypatch.undo()
+        assert restarts == [moment]
+        assert status is outcome
+        assert_versions_whole(sessions, settings.versions_dir)
+        with sessions() as session:
+            run = session.get(TrainingRun, run_id)
+            assert run is not None and run.status is outcome, run and run.reason
+            used = list(session.scalars(select(Feedback.used_in_run_id)))
+            assert sorted(session.scalars(select(Feedback.id))) == sorted(rated)
+            if outcome is RunStatus.succeeded:
+                assert run.version is not None and run.version.name == "v1", run.reason
+                assert used.count(run_id) == run.counts["train_kto"] and set(used) == {run_id, None}
+            else:
+                assert "in publishing" in (run.reason or "") and run.version_id is None, run.reason
+                assert set(used) == {None}
+        if outcome is RunStatus.succeeded:
+            assert version_statuses(sessions) == {"v0": "retired", "v1": "active"}
+            return
+        assert version_statuses(sessions) == {"v0": "active"}
+        later = queue_round(sessions, {"train": FAST, "gate": QUICK_GATE})
+        assert run_round(sessions, settings, later) is RunStatus.succeeded
+        assert version_statuses(sessions) == {"v0": "retired", "v1": "active"}
+        assert_versions_whole(sessions, settings.versions_dir)
+
+
 # --- The API process killed ---------------------------------------------------------------------
 
 
@@ -480,3 +694,186 @@ def test_nothing_acknowledged_is_lost_when_the_api_process_is_killed(
         assert poster.generations <= generations, context
         assert {g: ratings.get(g) for g in poster.ratings} == poster.ratings, context
         assert {p: comparisons.get(p) for p in poster.comparisons} == poster.comparisons, context
+
+
+# --- The worker killed in the gate --------------------------------------------------------------
+
+
+class TestWorkerKilledInTheGate:
+    """A Celery worker on PostgreSQL and a private Redis, killed while its round gates."""
+
+    @pytest.fixture
+    def db_url(self, pg_url: str) -> str:
+        """The shared PostgreSQL."""
+        reset_database(pg_url)
+        return pg_url
+
+    @pytest.fixture
+    def settings(self, settings: Settings, redis_server: RedisServer) -> Settings:
+        """Redis as the broker; a lost round is noticed within seconds."""
+        return settings.model_copy(
+            update={"redis_url": redis_server.url, "training_min_items": 4,
+                    "training_stale_after": 2.0}
+        )  # fmt: skip
+
+    def test_nothing_is_half_done_and_the_next_round_succeeds(
+        self, settings: Settings, client: TestClient, sessions: Any, tmp_path: Path
+    ) -> None:
+        """SIGKILL in the gate: no version row or directory, no rating used or lost; the task
+        redelivered declares the round lost, charging one failure to the ratings of the held-out
+        batch it was scoring (no other), and the next round trains on them and publishes a whole
+        version."""
+        client.headers.update(ADMIN)
+        worker = _worker(
+            settings, tmp_path / "worker.log",
+            TRAINING_STALE_AFTER=str(settings.training_stale_after),
+        )  # fmt: skip
+        try:
+            rated = _rate_corrected(client, 8)
+            # A gate long enough to be killed in: 8 prompts x 128 tokens, one at a time.
+            slow_gate = {"train": FAST, "gate": {"max_new_tokens": 128, "batch_size": 1}}
+            response = client.post("/v1/training/runs", json=slow_gate)
+            assert response.status_code == 202, response.text
+            killed = response.json()["id"]
+
+            def in_the_gate() -> bool:
+                with sessions() as session:
+                    run = session.get(TrainingRun, killed)
+                    # Training records its curves as it ends; the gate comes next.
+                    return bool(run and run.status is RunStatus.running and run.history)
+
+            wait_until(in_the_gate, 180, "the round to reach the gate", every=0.1)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(timeout=10)
+        finally:
+            stop_process(worker)
+
+        assert version_statuses(sessions) == {"v0": "active"}
+        assert not settings.versions_dir.exists() or list(settings.versions_dir.iterdir()) == []
+        with sessions() as session:
+            assert sorted(session.scalars(select(Feedback.id))) == sorted(rated)
+            assert set(session.scalars(select(Feedback.used_in_run_id))) == {None}
+        answer = client.post("/v1/generate", json={"prompt": "Hi", "max_new_tokens": 2})
+        assert answer.status_code == 200 and answer.json()["model_version"] == "v0"
+
+        # The task again (as Redis hands it out after the visibility timeout): once the
+        # heartbeat is stale it declares the round lost, and runs nothing.
+        wait_until(
+            lambda: run_round(sessions, settings, killed) is RunStatus.failed, 30,
+            "the killed round to be declared lost",
+        )  # fmt: skip
+        with sessions() as session:
+            run = session.get(TrainingRun, killed)
+            assert run is not None and run.live is None and run.version_id is None
+            assert "worker lost" in (run.reason or ""), run.reason
+            assert run.data_ids is not None and len(run.data_ids["feedback"]) == len(rated)
+            charged = {
+                f.id: (f.failures, f.set_aside_at) for f in session.scalars(select(Feedback))
+            }
+            batch = set((run.batch_ids or {}).get("feedback", []))
+            assert batch <= set(rated)
+            # One failure each in the batch it was killed in, none set aside.
+            assert charged == {i: (1 if i in batch else 0, None) for i in rated}
+
+        after = queue_round(sessions, {"train": FAST, "gate": QUICK_GATE})
+        assert run_round(sessions, settings, after) is RunStatus.succeeded
+        assert version_statuses(sessions) == {"v0": "retired", "v1": "active"}
+        assert_versions_whole(sessions, settings.versions_dir)
+        with sessions() as session:
+            run = session.get(TrainingRun, after)
+            assert run is not None and run.counts["train_kto"] + run.counts["heldout_kto"] == 8
+            used = list(session.scalars(select(Feedback.used_in_run_id)))
+            assert used.count(after) == run.counts["train_kto"] and set(used) <= {after, None}
+
+
+# --- The disk full ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(settings: Settings) -> Iterator[Path]:
+    """The versions directory on a tmpfs of its own (1 MiB), unmounted at the end."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    target = settings.versions_dir
+    target.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield target
+    finally:
+        if subprocess.run(["umount", str(target)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(target)], check=True)
+
+
+def _fill(directory: Path, leave: int) -> Path:
+    """A file taking all the space of `directory`'s filesystem but about `leave` bytes."""
+    filler = directory / "filler"
+    stats = os.statvfs(directory)
+    size = stats.f_bavail * stats.f_frsize - leave
+    with filler.open("wb") as handle:
+        handle.write(b"\0" * max(size, 0))
+    return filler
+
+
+class TestDiskFull:
+    """PostgreSQL, and versions on a filesystem that fills up during a version's write."""
+
+    @pytest.fixture
+    def db_url(self, pg_url: str) -> str:
+        """The shared PostgreSQL."""
+        reset_database(pg_url)
+        return pg_url
+
+    @pytest.fixture
+    def settings(self, settings: Settings) -> Settings:
+        """Few ratings make a round."""
+        return settings.model_copy(update={"training_min_items": 4})
+
+    def test_the_round_fails_cleanly_and_the_next_one_publishes(
+        self, settings: Settings, client: TestClient, small_disk: Path, sessions: Any
+    ) -> None:
+        """No space for the version: the run fails saying so, with no version row, no partial
+        directory and no rating used; the active version keeps serving; once space is freed
+        the next round publishes a whole version."""
+        client.headers.update(ADMIN)
+        follower = client.app.state.follower  # type: ignore[attr-defined]
+        body = {"prompt": "Hi", "max_new_tokens": 2}
+        rated = _rate_corrected(client, 8)
+        first = queue_round(sessions, {"train": FAST, "gate": QUICK_GATE})
+        assert run_round(sessions, settings, first) is RunStatus.succeeded
+        follower.sync()
+        assert client.post("/v1/generate", json=body).json()["model_version"] == "v1"
+
+        # Room for less than half of what v1's files took: the next version cannot fit.
+        needed = sum(p.stat().st_size for p in (small_disk / "v1").iterdir())
+        filler = _fill(small_disk, needed // 2)
+        rated += _rate_corrected(client, 8)
+        full = queue_round(sessions, {"train": FAST, "gate": QUICK_GATE})
+        assert run_round(sessions, settings, full) is RunStatus.failed
+        with sessions() as session:
+            run = session.get(TrainingRun, full)
+            assert run is not None and run.version_id is None and run.live is None
+            reason = run.reason or ""
+            used = set(session.scalars(select(Feedback.used_in_run_id)))
+            assert full not in used
+            assert sorted(session.scalars(select(Feedback.id))) == sorted(rated)
+            charged = session.scalars(select(Feedback).where(Feedback.failures > 0)).all()
+            assert charged == []  # a full disk is no rating's fault
+        assert "no space left" in reason.lower() and str(small_disk) in reason, reason
+        assert version_statuses(sessions) == {"v0": "retired", "v1": "active"}
+        assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "v1"]
+        filler.unlink()
+        assert_versions_whole(sessions, small_disk)
+        follower.sync()
+        answer = client.post("/v1/generate", json=body)
+        assert answer.status_code == 200 and answer.json()["model_version"] == "v1"
+
+        after = queue_round(sessions, {"train": FAST, "gate": QUICK_GATE})
+        assert run_round(sessions, settings, after) is RunStatus.succeeded
+        assert version_statuses(sessions) == {"v0": "retired", "v1": "retired", "v2": "active"}
+        assert_versions_whole(sessions, small_disk)
+        follower.sync()
+        assert client.post("/v1/generate", json=body).json()["model_version"] == "v2"

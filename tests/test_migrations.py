@@ -13,9 +13,11 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
-from app.db import Base, make_engine
+from app.db import Base, make_engine, make_sessionmaker
 from app.migrate import alembic_config, is_current, upgrade
+from app.models import Winner
 from tests.conftest import PG_ADMIN_URL, reset_database
+from tests.test_poisoning import Ratings
 
 
 @pytest.mark.parametrize("backend", ["pg_url", "sqlite_url"])
@@ -135,6 +137,44 @@ def test_the_migration_keeps_only_the_version_activated_last(scratch_url: str) -
             ("v0", "retired"), ("v1", "active"), ("v2", "retired"), ("v3", "rejected"),
         ]  # fmt: skip
         assert "a1c4e2f3b5d6" in rows[0][2] and rows[1][2] is None
+        assert is_current(engine)
+    finally:
+        engine.dispose()
+
+
+def test_the_migration_forgets_failures_charged_to_whole_rounds(scratch_url: str) -> None:
+    """Before b7d2e9f4a8c1 a failed round charged every rating it took, whatever failed: the
+    migration clears those counts and gives back the ratings they set aside."""
+    command.upgrade(alembic_config(scratch_url), "a1c4e2f3b5d6")
+    engine = make_engine(scratch_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            ratings = Ratings(session)
+            one, two = ratings.generations(2)
+            ratings.thumb(ratings.owner, one, up=False)
+            ratings.thumb(ratings.owner, two, up=True)
+            ratings.compare(ratings.owner, one, two, Winner.a)
+            ratings.commit()
+        with engine.begin() as connection:
+            for table in ("feedback", "comparisons"):
+                connection.execute(
+                    text(
+                        f"UPDATE {table} SET failures = 2, set_aside_at = CURRENT_TIMESTAMP, "
+                        "set_aside_reason = 'in 2 failed rounds' WHERE id = 1"
+                    )
+                )
+            connection.execute(text("UPDATE feedback SET failures = 1 WHERE id = 2"))
+        upgrade(scratch_url)
+        with engine.connect() as connection:
+            rows = [
+                *connection.execute(
+                    text("SELECT failures, set_aside_at, set_aside_reason FROM feedback")
+                ),
+                *connection.execute(
+                    text("SELECT failures, set_aside_at, set_aside_reason FROM comparisons")
+                ),
+            ]
+        assert [tuple(row) for row in rows] == [(0, None, None)] * 3
         assert is_current(engine)
     finally:
         engine.dispose()

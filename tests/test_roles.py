@@ -40,6 +40,9 @@ ADMIN: set[Route] = {
     ("DELETE", "/v1/keys/{key_id}"),
     ("POST", "/v1/models/{name}/activate"),
     ("POST", "/v1/training/runs"),
+    ("GET", "/v1/set-aside"),
+    ("POST", "/v1/feedback/{feedback_id}/restore"),
+    ("POST", "/v1/comparisons/{comparison_id}/restore"),
 }
 USER: set[Route] = {
     ("POST", "/v1/generate"),

@@ -1,22 +1,26 @@
 """Rounds as a state machine on PostgreSQL: claimed once, stopped when declared lost, never
-overwriting an admin's activation, setting aside the ratings of rounds that keep failing."""
+overwriting an admin's activation; a failed round charging only the batch of ratings it was in,
+setting aside those that keep failing, until an admin restores them."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.config import Settings
+from app.db import utcnow
 from app.ml.checkpoints import write_checkpoint
 from app.models import (
+    Comparison,
     Feedback,
     ModelVersion,
     RunStatus,
@@ -24,11 +28,13 @@ from app.models import (
     VersionKind,
     VersionStatus,
 )
-from app.services.training import claim, fail_if_stale, transition
+from app.services.datasets import kto_rows, pair_rows
+from app.services.training import claim, fail_if_stale, request_run
 from app.services.versions import activate, ensure_base_version, promote
-from tests.conftest import REDIS_TEST_URL, reset_database, wait_until
+from tests.conftest import REDIS_TEST_URL, reset_database, version_statuses, wait_until
 from tests.test_serving import publish_adapter
 from tests.test_training import FAST, QUICK_GATE, RATED, rate_with_corrections, start
+from worker.training import gate, rounds, train
 from worker.training.rounds import (
     Heartbeat,
     RatingsUsed,
@@ -70,11 +76,6 @@ def _training(sessions: Any, run_id: int) -> Callable[[], bool]:
     return check
 
 
-def _versions(sessions: Any) -> dict[str, str]:
-    with sessions() as session:
-        return {v.name: v.status.value for v in session.scalars(select(ModelVersion))}
-
-
 def _used(sessions: Any) -> list[int | None]:
     with sessions() as session:
         return list(session.scalars(select(Feedback.used_in_run_id).order_by(Feedback.id)))
@@ -99,7 +100,7 @@ def test_two_workers_handed_the_same_round_run_it_once(
         thread.join(300)
     statuses = [result[0] for _, result in threads]
     assert RunStatus.succeeded in statuses and RunStatus.failed not in statuses, statuses
-    assert _versions(sessions) == {"v0": "retired", "v1": "active"}
+    assert version_statuses(sessions) == {"v0": "retired", "v1": "active"}
     with sessions() as session:
         run = session.get(TrainingRun, run_id)
         assert run is not None and run.status is RunStatus.succeeded and run.reason is None
@@ -107,7 +108,8 @@ def test_two_workers_handed_the_same_round_run_it_once(
     assert used.count(run_id) == run.counts["train_kto"] and set(used) == {run_id, None}
 
     assert run_round(sessions, settings, run_id) is RunStatus.succeeded  # redelivered late
-    assert _versions(sessions) == {"v0": "retired", "v1": "active"} and _used(sessions) == used
+    assert version_statuses(sessions) == {"v0": "retired", "v1": "active"}
+    assert _used(sessions) == used
 
 
 def test_a_round_declared_lost_stops_and_publishes_nothing(
@@ -132,7 +134,7 @@ def test_a_round_declared_lost_stops_and_publishes_nothing(
         run = session.get(TrainingRun, run_id)
         assert run is not None and run.status is RunStatus.failed and run.live is None
         assert "worker lost" in (run.reason or "") and run.version_id is None
-    assert _versions(sessions) == {"v0": "active"}
+    assert version_statuses(sessions) == {"v0": "active"}
     assert set(_used(sessions)) == {None}
     leftovers = list(settings.versions_dir.iterdir()) if settings.versions_dir.exists() else []
     assert leftovers == []
@@ -154,7 +156,7 @@ def test_an_admin_activation_during_a_round_wins(
     thread.join(300)
 
     assert result == [RunStatus.succeeded]  # it passed the gate
-    assert _versions(sessions) == {"v0": "retired", "v1": "active", "v2": "candidate"}
+    assert version_statuses(sessions) == {"v0": "retired", "v1": "active", "v2": "candidate"}
     with sessions() as session:
         run = session.get(TrainingRun, run_id)
         assert run is not None and run.version is not None and run.version.name == "v2"
@@ -163,49 +165,278 @@ def test_an_admin_activation_during_a_round_wins(
         assert run.version.status_reason == run.reason
 
 
-def test_rounds_that_keep_failing_set_their_ratings_aside(
-    client: TestClient, admin: dict[str, str], sessions: Any, settings: Settings
+POISON = "A poisoned answer that no forward pass survives."
+"""A correction whose pair makes any forward pass over it fail (see `poison`)."""
+PAIRS_OF_TWO = {"train": {**FAST, "batch_size": 2}, "gate": QUICK_GATE}
+"""Micro-batches of two rows (with `two_pairs`' budget): a failing one holds the poisoned rating
+and one other."""
+
+
+def two_pairs(settings: Settings) -> Settings:
+    """A token budget that holds two DPO pairs (four sequences) in a micro-batch."""
+    return settings.model_copy(update={"training_batch_tokens": 4 * settings.training_max_length})
+
+
+def rate_poisoned(client: TestClient, headers: dict[str, str]) -> int:
+    """A generation rated down and corrected to POISON (before the others: it is trained on, not
+    held out); the feedback's id."""
+    body = {"prompt": "Which answer is poisoned?", "max_new_tokens": 6, "seed": 99}
+    generation = client.post("/v1/generate", json=body, headers=headers).json()
+    rating = {"generation_id": generation["id"], "thumbs": "down", "correction": POISON}
+    response = client.post("/v1/feedback", json=rating, headers=headers)
+    assert response.status_code == 201, response.text
+    return int(response.json()["id"])
+
+
+def poison(monkeypatch: pytest.MonkeyPatch, settings: Settings, act: Callable[[], None]) -> None:
+    """Call `act` (raise, or hang) on every forward pass of a round's models over POISON: as a
+    rating that makes a worker run out of memory would."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    load = train.load_base
+
+    def check(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and any(POISON in tokenizer.decode(row) for row in ids.tolist()):
+            act()
+
+    def poisoned(path: Path) -> Any:
+        model = load(path)
+        # On the decoder stack: training calls it through the model, the gate directly.
+        model.get_decoder().register_forward_pre_hook(check, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(train, "load_base", poisoned)
+
+
+def _failures(sessions: Any) -> dict[int, tuple[int, bool]]:
+    """Each feedback's (failures, set aside)."""
+    with sessions() as session:
+        rows = session.scalars(select(Feedback))
+        return {f.id: (f.failures, f.set_aside_at is not None) for f in rows}
+
+
+@pytest.mark.parametrize("phase", ["training", "gate"])
+def test_a_round_failing_in_a_batch_charges_only_that_batch(
+    phase: str,
+    client: TestClient,
+    admin: dict[str, str],
+    sessions: Any,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A round that fails in training counts a failure against every rating it took, and so
-    does one whose worker is lost; at TRAINING_MAX_ROW_FAILURES (2) they are set aside with the
-    reason on the run, and the next round trains on the other ratings without them."""
-    rate_with_corrections(client, admin, RATED)
-    # Training fails on these ratings; which rating is at fault cannot be told from outside.
-    broken = {"train": {**FAST, "target_modules": ["no_such_module"]}, "gate": QUICK_GATE}
-    first = start(sessions, broken)
+    """A rating that makes a round fail (a MemoryError halfway: in training, KTO passes and DPO
+    fails on its pair; in the gate, on the held-out pairs) costs a failure to the ratings of that
+    batch only, which the run records; at TRAINING_MAX_ROW_FAILURES (1 here) they are set aside,
+    saying why, and the next round takes every other rating."""
+    settings = two_pairs(settings.model_copy(update={"training_max_row_failures": 1}))
+    if phase == "training":  # the oldest rating: trained on
+        poisoned = rate_poisoned(client, admin)
+        rate_with_corrections(client, admin, RATED - 1)
+    else:  # the newest: held out for the gate
+        rate_with_corrections(client, admin, RATED - 1)
+        poisoned = rate_poisoned(client, admin)
+
+    def out_of_memory() -> None:
+        raise MemoryError("poisoned")
+
+    poison(monkeypatch, settings, out_of_memory)
+    first = start(sessions, PAIRS_OF_TWO)
     assert run_round(sessions, settings, first) is RunStatus.failed
+    failures = _failures(sessions)
+    charged = sorted(i for i, (count, _) in failures.items() if count)
+    assert poisoned in charged and len(charged) == 2, failures  # the poison and its batch mate
+    assert failures == {i: (1, True) if i in charged else (0, False) for i in failures}
     with sessions() as session:
         run = session.get(TrainingRun, first)
         assert run is not None and run.data_ids is not None
-        assert "in training" in (run.reason or "") and "set aside" not in (run.reason or "")
-        taken = run.data_ids["feedback"]
-        assert len(taken) == RATED  # train and held-out alike
-        failures = {f.id: f.failures for f in session.scalars(select(Feedback))}
-        assert failures == dict.fromkeys(taken, 1)
+        assert run.batch_ids == {"feedback": charged, "comparisons": []}
+        assert len(run.data_ids["feedback"]) == RATED  # it took them all, train and held-out
+        reason = run.reason or ""
+        assert f"MemoryError in {phase}: poisoned" in reason, reason
+        assert f"the batch it was in: feedback {charged[0]}, {charged[1]}" in reason, reason
+        assert "set aside" in reason
+        aside = session.scalars(select(Feedback).where(Feedback.set_aside_at.is_not(None)))
+        assert all(f"the last run {first}" in (f.set_aside_reason or "") for f in aside)
 
-    # The next round's worker dies after choosing the same ratings; declared lost, it counts too.
-    second = start(sessions, broken)
+    second = start(sessions, PAIRS_OF_TWO)
+    assert run_round(sessions, settings, second) in (RunStatus.succeeded, RunStatus.rejected)
     with sessions() as session:
-        assert claim(session, second)
-        assert transition(session, second, RunStatus.running, data_ids={"feedback": taken})
-        session.commit()
         run = session.get(TrainingRun, second)
-        assert run is not None and fail_if_stale(session, run, 0)
-        assert "worker lost" in (run.reason or "") and "set aside" in (run.reason or "")
-        aside = session.scalars(select(Feedback).where(Feedback.set_aside_at.is_not(None))).all()
-        assert sorted(f.id for f in aside) == taken
-        assert all(f"the last run {second}" in (f.set_aside_reason or "") for f in aside)
-
-    fresh = rate_with_corrections(client, admin, 6)
-    third = start(sessions, {"train": FAST, "gate": QUICK_GATE})
-    assert run_round(sessions, settings, third) in (RunStatus.succeeded, RunStatus.rejected)
-    with sessions() as session:
-        run = session.get(TrainingRun, third)
         assert run is not None and run.data_ids is not None
-        assert run.counts["train_kto"] + run.counts["heldout_kto"] == len(fresh)
-        assert set(run.data_ids["feedback"]).isdisjoint(taken)
-        used = select(Feedback.id).where(Feedback.used_in_run_id.is_not(None))
-        assert set(session.scalars(used)).isdisjoint(taken)
+        assert sorted(run.data_ids["feedback"]) == sorted(set(failures) - set(charged))
+        assert run.batch_ids is None
+    assert _failures(sessions) == failures  # a round that succeeds charges nothing
+
+
+def test_a_round_declared_lost_charges_only_the_batch_it_was_in(
+    client: TestClient,
+    admin: dict[str, str],
+    sessions: Any,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round whose worker hangs on a rating (as one killed or out of memory would stop beating)
+    and is declared lost costs a failure to the ratings of the batch it was in, as recorded on
+    the run before the batch began, and to no other; it then publishes nothing."""
+    settings = two_pairs(settings)
+    poisoned = rate_poisoned(client, admin)
+    rate_with_corrections(client, admin, RATED - 1)
+    stuck, release = threading.Event(), threading.Event()
+
+    def hang() -> None:
+        stuck.set()
+        release.wait(120)
+
+    poison(monkeypatch, settings, hang)
+    run_id = start(sessions, PAIRS_OF_TWO)
+    thread, result = _in_thread(lambda: run_round(sessions, settings, run_id))
+    try:
+        assert stuck.wait(180), "the round never reached the poisoned rating"
+        with sessions() as session:
+            run = session.get(TrainingRun, run_id)
+            assert run is not None and fail_if_stale(session, run, 0)  # its heartbeat stopped
+        failures = _failures(sessions)
+    finally:
+        release.set()
+        thread.join(300)
+    assert result == [RunStatus.failed]
+    charged = sorted(i for i, (count, _) in failures.items() if count)
+    assert poisoned in charged and len(charged) == 2, failures  # the poison and its batch mate
+    assert failures == {i: (1, False) if i in charged else (0, False) for i in failures}
+    assert _failures(sessions) == failures  # the round, once it noticed, charged nothing more
+    with sessions() as session:
+        run = session.get(TrainingRun, run_id)
+        assert run is not None and run.batch_ids == {"feedback": charged, "comparisons": []}
+        reason = run.reason or ""
+    assert "worker lost" in reason and f"the batch it was in: feedback {charged[0]}" in reason
+    assert "set aside" not in reason  # one failure of TRAINING_MAX_ROW_FAILURES (2)
+    assert version_statuses(sessions) == {"v0": "active"} and set(_used(sessions)) == {None}
+
+
+def _declare_lost_while_writing(monkeypatch: pytest.MonkeyPatch, sessions: Any) -> None:
+    write = rounds.write_checkpoint
+
+    def write_and_be_lost(*args: Any, **kwargs: Any) -> Path:
+        with sessions() as session:
+            run = session.scalars(select(TrainingRun).where(TrainingRun.live.is_(True))).one()
+            assert fail_if_stale(session, run, 0)  # its worker stopped beating as it wrote
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(rounds, "write_checkpoint", write_and_be_lost)
+
+
+def _raise(monkeypatch: pytest.MonkeyPatch, target: Any, name: str) -> None:
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError(f"in {name}")
+
+    monkeypatch.setattr(target, name, fail)
+
+
+@pytest.mark.parametrize(
+    ("moment", "phase"),
+    [
+        ("loading the model", "MemoryError in training"),
+        ("the gate's fixed prompts", "MemoryError in gate"),
+        ("publishing, declared lost", "worker lost"),
+        ("publishing, an error", "MemoryError in publishing"),
+    ],
+)
+def test_a_round_failing_outside_any_batch_charges_no_rating(
+    moment: str,
+    phase: str,
+    client: TestClient,
+    admin: dict[str, str],
+    sessions: Any,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failure no rating can have caused (loading a model, the gate's fixed prompts, a worker
+    lost while it writes the version) counts against no rating, however often it happens."""
+    rate_with_corrections(client, admin, RATED)
+    if moment == "loading the model":
+        _raise(monkeypatch, train, "load_base")
+    elif moment == "the gate's fixed prompts":
+        _raise(monkeypatch, gate, "greedy_answers")
+    elif moment == "publishing, an error":
+        _raise(monkeypatch, rounds, "write_checkpoint")
+    else:
+        _declare_lost_while_writing(monkeypatch, sessions)
+    run_id = start(sessions, {"train": FAST, "gate": QUICK_GATE})
+    assert run_round(sessions, settings, run_id) is RunStatus.failed
+    assert set(_failures(sessions).values()) == {(0, False)}
+    with sessions() as session:
+        run = session.get(TrainingRun, run_id)
+        assert run is not None and run.data_ids is not None
+        assert phase in (run.reason or "") and "counted against" not in (run.reason or "")
+        assert run.batch_ids is None  # it was in no batch
+    assert version_statuses(sessions) == {"v0": "active"} and set(_used(sessions)) == {None}
+
+
+def test_an_admin_restores_a_rating_set_aside(
+    client: TestClient, admin: dict[str, str], sessions: Any
+) -> None:
+    """GET /v1/set-aside lists the ratings set aside with the reason, and POST .../restore gives
+    one back to the rounds (failures from zero); both are for admin keys only."""
+    rate_with_corrections(client, admin, 2)
+    one, two = (
+        client.post(
+            "/v1/generate", json={"prompt": "Pick one.", "max_new_tokens": 4, "seed": seed},
+            headers=admin,
+        ).json()["id"]
+        for seed in (1, 2)
+    )  # fmt: skip
+    body = {"generation_a": one, "generation_b": two, "winner": "a"}
+    comparison = client.post("/v1/comparisons", json=body, headers=admin).json()["id"]
+    reason = "in 2 failed rounds (TRAINING_MAX_ROW_FAILURES), each failing in a batch that held it"
+    with sessions() as session:
+        feedback = sorted(session.scalars(select(Feedback.id)))
+        for model, ids in ((Feedback, feedback[:1]), (Comparison, [comparison])):
+            session.execute(
+                update(model)
+                .where(model.id.in_(ids))
+                .values(failures=2, set_aside_at=utcnow(), set_aside_reason=reason)
+            )
+        session.execute(update(Feedback).where(Feedback.id == feedback[1]).values(failures=1))
+        session.commit()
+    restores = [f"/v1/feedback/{feedback[0]}/restore", f"/v1/comparisons/{comparison}/restore"]
+
+    rater = client.post("/v1/keys", json={"name": "ann", "role": "rater"}, headers=admin)
+    ann = {"Authorization": f"Bearer {rater.json()['key']}"}
+    assert client.get("/v1/set-aside", headers=ann).status_code == 403
+    for path in restores:
+        assert client.post(path, headers=ann).status_code == 403
+        assert client.post(path).status_code == 401
+
+    listed = client.get("/v1/set-aside", headers=admin)
+    assert listed.status_code == 200, listed.text
+    assert [(r["kind"], r["id"], r["failures"], r["set_aside_reason"]) for r in listed.json()] == [
+        ("feedback", feedback[0], 2, reason),
+        ("comparison", comparison, 2, reason),
+    ]
+    for path, (kind, row_id) in zip(
+        restores, [("feedback", feedback[0]), ("comparison", comparison)], strict=True
+    ):
+        restored = client.post(path, headers=admin)
+        assert restored.status_code == 200, restored.text
+        assert restored.json() == {
+            "kind": kind, "id": row_id, "used_in_run_id": None, "failures": 0,
+            "set_aside_at": None, "set_aside_reason": None,
+        }  # fmt: skip
+    # A rating charged but not set aside may be forgiven too; an unknown one is a 404.
+    forgiven = client.post(f"/v1/feedback/{feedback[1]}/restore", headers=admin)
+    assert forgiven.status_code == 200 and forgiven.json()["failures"] == 0
+    assert client.post("/v1/comparisons/999999/restore", headers=admin).status_code == 404
+    assert client.get("/v1/set-aside", headers=admin).json() == []
+    with sessions() as session:
+        rows = [*session.scalars(select(Feedback)), *session.scalars(select(Comparison))]
+        assert {(r.failures, r.set_aside_at, r.set_aside_reason) for r in rows} == {(0, None, None)}
+        unused = {row.feedback_id for row in kto_rows(session, unused_only=True)}
+        assert unused == set(feedback)  # the rounds take it again
+        assert [
+            p.source_id for p in pair_rows(session, unused_only=True) if p.source == "comparison"
+        ] == [comparison]
 
 
 def test_a_live_rounds_directory_survives_another_rounds_clean_up(
@@ -298,7 +529,7 @@ def test_activation_is_compare_and_set(sessions: Any, settings: Settings) -> Non
         winner = promote(session, v2, v0.id)  # a round that started from v0
         assert winner is not None and winner.name == "v1"
         session.commit()
-        assert _versions(sessions) == {"v0": "retired", "v1": "active", "v2": "candidate"}
+        assert version_statuses(sessions) == {"v0": "retired", "v1": "active", "v2": "candidate"}
 
         with sessions() as other:  # another process rolls back to v0
             activate(other, other.get(ModelVersion, v0.id))
@@ -308,7 +539,7 @@ def test_activation_is_compare_and_set(sessions: Any, settings: Settings) -> Non
         with pytest.raises(IntegrityError):  # a caller that skips the check meets the index
             promote(session, v2, v2.id)
         session.rollback()
-    assert _versions(sessions) == {"v0": "active", "v1": "retired", "v2": "candidate"}
+    assert version_statuses(sessions) == {"v0": "active", "v1": "retired", "v2": "candidate"}
 
 
 def test_redis_visibility_timeout_outlasts_a_round(settings: Settings) -> None:
@@ -321,3 +552,57 @@ def test_redis_visibility_timeout_outlasts_a_round(settings: Settings) -> None:
     assert options["visibility_timeout"] == settings.training_visibility_timeout
     assert Settings.model_fields["training_visibility_timeout"].default >= 2 * 3600
     assert make_celery(settings).conf.broker_transport_options == {}
+
+
+def test_promotion_never_reports_success_with_nothing_active(
+    sessions: Any, settings: Settings
+) -> None:
+    """When the version a promotion expected is no longer active and none is (another process
+    refused it), the promotion does not report success while leaving nothing active: the new
+    version becomes the active one, as a promotion that expected none would make it."""
+    with sessions() as session:
+        v0 = ensure_base_version(session, settings.model, settings.model)
+        v1 = ModelVersion(
+            name="v1", kind=VersionKind.base, base_model="other", path="p",
+            status=VersionStatus.candidate, manifest={},
+        )  # fmt: skip
+        session.add(v1)
+        session.commit()
+        with sessions() as other:  # e.g. a process found v0's files altered
+            refused = other.get(ModelVersion, v0.id)
+            assert refused is not None
+            refused.status = VersionStatus.refused
+            other.commit()
+        winner = promote(session, v1, v0.id)  # a round that started from v0
+        session.commit()
+        assert winner is None
+    assert version_statuses(sessions) == {"v0": "refused", "v1": "active"}
+
+
+def test_a_queued_round_whose_task_was_lost_is_declared_stale(
+    sessions: Any, settings: Settings
+) -> None:
+    """A round left queued (its task never reached a worker) no longer blocks every later round:
+    once older than TRAINING_STALE_AFTER it is failed with the reason, a new round is queued,
+    and its task turning up late does nothing."""
+    with sessions() as session:
+        ensure_base_version(session, settings.model, settings.model)
+    lost = start(sessions)
+    with sessions() as session:
+        run, created = request_run(session, trigger="manual", stale_after=60)
+        assert (run.id, created) == (lost, False)  # young: it may still be in the queue
+        session.execute(
+            update(TrainingRun)
+            .where(TrainingRun.id == lost)
+            .values(created_at=utcnow() - timedelta(seconds=61))
+        )
+        session.commit()
+        run, created = request_run(session, trigger="manual", stale_after=60)
+        assert created and run.id != lost and run.status is RunStatus.queued
+        old = session.get(TrainingRun, lost)
+        assert old is not None and old.status is RunStatus.failed and old.live is None
+        assert "no worker took it within 60 s" in (old.reason or ""), old.reason
+    assert run_round(sessions, settings, lost) is RunStatus.failed  # redelivered late
+    with sessions() as session:
+        new = session.get(TrainingRun, run.id)
+        assert new is not None and new.status is RunStatus.queued and new.live

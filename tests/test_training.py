@@ -251,11 +251,18 @@ def test_training_rows_are_cut_by_the_shared_truncation_rule() -> None:
 
 
 def test_training_micro_batches_stay_within_the_token_budget() -> None:
-    """Rows per micro-batch fit batch_tokens at max_length; gradients accumulate to batch_size."""
-    assert micro_batches(TrainConfig(batch_size=8), TokenBudget()) == (8, 1)
-    budget = TokenBudget(max_length=512, max_prompt_length=256, batch_tokens=1024)
-    assert micro_batches(TrainConfig(batch_size=8), budget) == (2, 4)
-    assert micro_batches(TrainConfig(batch_size=5), budget) == (2, 3)
+    """A micro-batch holds at most batch_tokens tokens computed with gradients: a DPO row is
+    two sequences (chosen and rejected), a KTO row one (its KL term runs without), and KTO
+    takes two rows at least; gradients accumulate to batch_size. Found by bench/abuse.py: a
+    DPO pair counted as one sequence, and the default micro-batch of 8 pairs held 8,192 tokens
+    with gradients: the worker was killed for memory at 21 GiB on 20 maximal QA ratings."""
+    config = TrainConfig(batch_size=8)
+    assert micro_batches(config, TokenBudget(), sequences=2) == (1, 8)
+    assert micro_batches(config, TokenBudget(), sequences=1, least=2) == (2, 4)
+    budget = TokenBudget(max_length=512, max_prompt_length=256, batch_tokens=2048)
+    assert micro_batches(config, budget, sequences=2) == (2, 4)
+    assert micro_batches(TrainConfig(batch_size=5), budget, sequences=2) == (2, 3)
+    assert micro_batches(config, budget, sequences=1, least=2) == (4, 2)
 
 
 def long_rows(count: int) -> tuple[list[KtoRow], list[PairRow]]:
@@ -277,8 +284,9 @@ def test_a_round_over_maximal_ratings_trains_within_the_budget(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """KTO and DPO on rows far over the budget: every forward pass of the policy and the
-    reference holds at most max_length tokens a row and twice batch_tokens in all (DPO's chosen
-    and rejected; KTO's KL pairs), in micro-batches that accumulate to one optimiser step."""
+    reference holds at most max_length tokens a sequence and batch_tokens in all, DPO's chosen
+    and rejected together (they held twice that, found by bench/abuse.py), in micro-batches
+    that accumulate to one optimiser step."""
     from transformers import AutoTokenizer
 
     budget = TokenBudget(max_length=64, max_prompt_length=32, batch_tokens=128)
@@ -302,6 +310,6 @@ def test_a_round_over_maximal_ratings_trains_within_the_budget(
         tiny_model_dir, None, kto, pairs, config, tokenizer, steps.append, budget
     )
     assert shapes and max(width for _, width in shapes) == budget.max_length
-    assert all(rows * width <= 2 * budget.batch_tokens for rows, width in shapes), shapes
-    assert steps == [1, 1]  # one optimiser step per phase: 4 rows in 2 micro-batches of 2
+    assert all(rows * width <= budget.batch_tokens for rows, width in shapes), shapes
+    assert steps == [1, 1]  # one optimiser step per phase, over 4 rows
     assert {"kto_loss", "dpo_loss"} <= set(result.metrics)

@@ -123,11 +123,13 @@ def test_round_on_a_worker_is_served_without_restart(
 def test_worker_killed_mid_round_leaves_nothing_half_done(
     settings: Settings, start_worker: Callable[[], subprocess.Popen[bytes]], sessions: Any
 ) -> None:
-    """SIGKILL during training: no new version, no used feedback; the next round succeeds."""
+    """SIGKILL during training: no new version, no used feedback; the lost round charges a
+    failure only to the ratings of the micro-batch it died in (as it recorded them before the
+    batch; none if it died between two), and the next round succeeds."""
     worker = start_worker()
     with TestClient(create_app(settings)) as client:
         rate_with_corrections(client, ADMIN, 10)
-        slow = {"train": {**FAST, "epochs": 50}, "gate": QUICK_GATE}
+        slow = {"train": {**FAST, "epochs": 50, "batch_size": 2}, "gate": QUICK_GATE}
         run_id = client.post("/v1/training/runs", json=slow, headers=ADMIN).json()["id"]
 
         def training_started() -> bool:
@@ -169,6 +171,12 @@ def test_worker_killed_mid_round_leaves_nothing_half_done(
         assert response.status_code == 202, response.text
         lost = client.get(f"/v1/training/runs/{run_id}", headers=ADMIN).json()
         assert lost["status"] == "failed" and "worker lost" in lost["reason"]
+        with sessions() as session:
+            dead = session.get(TrainingRun, run_id)
+            assert dead is not None
+            batch = (dead.batch_ids or {}).get("feedback", [])
+            charged = {f.id: f.failures for f in session.scalars(select(Feedback)) if f.failures}
+        assert len(batch) <= 2 and charged == dict.fromkeys(batch, 1), (batch, charged)
         run = _final_run(client, response.json()["id"])
         assert run["status"] == "succeeded", run
 

@@ -6,17 +6,27 @@ from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Request, Response, status
 from fastapi.responses import StreamingResponse
 
-from app.deps import RATE_LIMITED, CurrentKey, FeedbackLimit, SessionDep, SessionsDep
+from app.deps import RATE_LIMITED, AdminKey, CurrentKey, FeedbackLimit, SessionDep, SessionsDep
 from app.ml.training_config import TokenBudget
-from app.schemas.feedback import ComparisonCreate, ComparisonPublic, FeedbackCreate, FeedbackPublic
+from app.models import Comparison, Feedback
+from app.schemas.feedback import (
+    ComparisonCreate,
+    ComparisonPublic,
+    FeedbackCreate,
+    FeedbackPublic,
+    RatingStanding,
+)
 from app.services import datasets
-from app.services.feedback import Rating, TokenCap, compare, rate
+from app.services.feedback import Rating, TokenCap, compare, rate, restore, set_aside
 from app.services.keys import visible_owner
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
+
+RatingId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+NOT_FOUND: dict[int | str, dict[str, str]] = {404: {"description": "No such rating."}}
 
 
 def correction_cap(request: Request) -> TokenCap:
@@ -122,3 +132,36 @@ def export(format: ExportFormat, key: CurrentKey, sessions: SessionsDep) -> Stre
         media_type="application/x-ndjson",
         headers={"Content-Disposition": f'attachment; filename="feedback-{format.value}.jsonl"'},
     )
+
+
+def _standing(row: Feedback | Comparison) -> RatingStanding:
+    return RatingStanding(
+        kind="feedback" if isinstance(row, Feedback) else "comparison",
+        id=row.id,
+        used_in_run_id=row.used_in_run_id,
+        failures=row.failures,
+        set_aside_at=row.set_aside_at,
+        set_aside_reason=row.set_aside_reason,
+    )
+
+
+@router.get("/set-aside", response_model=list[RatingStanding], responses=RATE_LIMITED)
+def list_set_aside(_: AdminKey, session: SessionDep) -> list[RatingStanding]:
+    """The ratings set aside after TRAINING_MAX_ROW_FAILURES failed rounds were computing on a
+    batch holding them, with the reason (admin): no round takes them until restored."""
+    return [_standing(row) for row in set_aside(session)]
+
+
+@router.post("/feedback/{feedback_id}/restore", response_model=RatingStanding, responses=NOT_FOUND)
+def restore_feedback(feedback_id: RatingId, _: AdminKey, session: SessionDep) -> RatingStanding:
+    """Give a rating back to the rounds (admin): no longer set aside, its failures back to 0."""
+    return _standing(restore(session, Feedback, feedback_id))
+
+
+@router.post(
+    "/comparisons/{comparison_id}/restore", response_model=RatingStanding, responses=NOT_FOUND
+)
+def restore_comparison(comparison_id: RatingId, _: AdminKey, session: SessionDep) -> RatingStanding:
+    """Give a comparison back to the rounds (admin): no longer set aside, its failures back
+    to 0."""
+    return _standing(restore(session, Comparison, comparison_id))

@@ -29,9 +29,9 @@ class TokenBudget:
     max_prompt_length: Annotated[int, Field(ge=1)] = 256
     """Prompt tokens kept, its last ones (where the question and the assistant's turn are); the
     answer keeps its first `max_length` minus the kept prompt's length."""
-    batch_tokens: Annotated[int, Field(ge=32)] = 4096
-    """Padded tokens (rows x longest row) in one forward pass of the gate or one training
-    micro-batch; at least twice `max_length`, as KTO pairs rows within a micro-batch."""
+    batch_tokens: Annotated[int, Field(ge=32)] = 1024
+    """Padded tokens (sequences x longest) in one forward pass of the gate or one training
+    micro-batch; at least twice `max_length`, as a training row is two sequences."""
     chunk_tokens: Annotated[int, Field(ge=1)] = 256
     """Positions projected to vocabulary logits at once when the gate scores log-probabilities."""
 

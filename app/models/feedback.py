@@ -47,11 +47,12 @@ class Feedback(Base):
     used_in_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"), index=True)
     """The training round that trained on it; set only when that round ended."""
     failures: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
-    """Rounds that took it and failed in training or the gate (or lost their worker)."""
+    """Rounds that failed (or lost their worker) while computing on a batch holding it."""
     set_aside_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    """When `failures` reached TRAINING_MAX_ROW_FAILURES: no round takes it any more."""
+    """When `failures` reached TRAINING_MAX_ROW_FAILURES: no round takes it any more, until an
+    admin restores it (`POST .../restore`)."""
     set_aside_reason: Mapped[str | None] = mapped_column(Text)
-    """Why: how many rounds failed with it, and the last one's error."""
+    """Why: how many rounds failed with it, and the last one."""
 
 
 class Comparison(Base):
@@ -76,8 +77,9 @@ class Comparison(Base):
     used_in_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"), index=True)
     """The training round that trained on it; set only when that round ended."""
     failures: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
-    """Rounds that took it and failed in training or the gate (or lost their worker)."""
+    """Rounds that failed (or lost their worker) while computing on a batch holding it."""
     set_aside_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    """When `failures` reached TRAINING_MAX_ROW_FAILURES: no round takes it any more."""
+    """When `failures` reached TRAINING_MAX_ROW_FAILURES: no round takes it any more, until an
+    admin restores it (`POST .../restore`)."""
     set_aside_reason: Mapped[str | None] = mapped_column(Text)
-    """Why: how many rounds failed with it, and the last one's error."""
+    """Why: how many rounds failed with it, and the last one."""

@@ -26,8 +26,8 @@ class RunStatus(enum.StrEnum):
     skipped = "skipped"
     """Too little new feedback; nothing was trained and nothing marked used."""
     failed = "failed"
-    """An error or a lost worker; nothing was published and nothing marked used (ratings it took
-    count a failure when it failed in training or the gate)."""
+    """An error or a lost worker; nothing was published and nothing marked used (the ratings of
+    the batch it was computing on, if any, count a failure: `batch_ids`)."""
 
 
 LIVE_STATUSES = (RunStatus.queued, RunStatus.running)
@@ -56,7 +56,11 @@ class TrainingRun(Base):
     """Training log per step (loss, KL, reward margins), for curves."""
     data_ids: Mapped[dict[str, list[int]] | None] = mapped_column(JSON)
     """Feedback and comparison ids the round took, train and held-out (`feedback`,
-    `comparisons`): the ratings charged when it fails."""
+    `comparisons`)."""
+    batch_ids: Mapped[dict[str, list[int]] | None] = mapped_column(JSON)
+    """The same, of the batch of ratings it is computing on (in training or the gate), written
+    before the batch and cleared after it: the only ratings charged a failure when the round
+    fails or is declared lost. NULL between batches (a failure there is no rating's doing)."""
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -83,3 +83,19 @@ class ComparisonPublic(BaseModel):
     winner: Winner
     created_at: datetime
     updated_at: datetime
+
+
+class RatingStanding(BaseModel):
+    """Where a rating stands with the training rounds: used, charged failures, set aside."""
+
+    kind: Literal["feedback", "comparison"]
+    id: int
+    used_in_run_id: int | None = Field(description="The round that trained on it, if any.")
+    failures: int = Field(
+        description="Failed rounds (or rounds whose worker was lost) that were computing on a "
+        "batch holding it; at TRAINING_MAX_ROW_FAILURES it is set aside."
+    )
+    set_aside_at: datetime | None = Field(
+        description="When it was set aside: no round takes it until an admin restores it."
+    )
+    set_aside_reason: str | None

@@ -1,4 +1,5 @@
-"""Recording ratings: feedback on one generation and comparisons of two."""
+"""Recording ratings: feedback on one generation and comparisons of two; and the ratings that
+failed rounds set aside, which an admin may restore."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.models import Comparison, Feedback, Thumbs, Winner
-from app.services.errors import InvalidInput
+from app.services.errors import InvalidInput, NotFound
 from app.services.generations import get_generation
 
 Row = TypeVar("Row", Feedback, Comparison)
@@ -148,3 +149,27 @@ def _upsert(
             continue
         return row, created
     raise AssertionError("unreachable")
+
+
+_KINDS: dict[type[Feedback | Comparison], str] = {Feedback: "feedback", Comparison: "comparison"}
+
+
+def set_aside(session: Session) -> list[Feedback | Comparison]:
+    """Every rating set aside after failed rounds (no round takes it), feedback then
+    comparisons, each in the order it was set aside."""
+    rows: list[Feedback | Comparison] = []
+    for model in (Feedback, Comparison):
+        query = select(model).where(model.set_aside_at.is_not(None))
+        rows += session.scalars(query.order_by(model.set_aside_at, model.id))
+    return rows
+
+
+def restore(session: Session, model: type[Row], row_id: int) -> Row:
+    """Give a rating back to the rounds (commits): it is no longer set aside and its failures
+    count from zero again, so that a later round takes it if no round used it yet."""
+    row = session.get(model, row_id)
+    if row is None:
+        raise NotFound(f"{_KINDS[model]} {row_id} does not exist")
+    row.failures, row.set_aside_at, row.set_aside_reason = 0, None, None
+    session.commit()
+    return row

@@ -63,8 +63,12 @@ def claim(session: Session, run_id: int) -> bool:
 def fail_if_stale(
     session: Session, run: TrainingRun, stale_after: float, max_row_failures: int = 2
 ) -> bool:
-    """Declare a running round whose worker stopped beating lost (commits), charging the ratings
-    it took (`charge_failure`); True when this call did."""
+    """Declare lost (commits) a running round whose worker stopped beating, charging the
+    ratings of the batch it was computing on, if any (`charge_failure`), or a round still queued
+    `stale_after` seconds after it was queued (its task was lost, or no worker is consuming);
+    True when this call did."""
+    if run.status is RunStatus.queued:
+        return _fail_if_never_taken(session, run, stale_after)
     if run.status is not RunStatus.running:
         return False
     last = run.heartbeat_at or run.started_at or run.created_at
@@ -89,7 +93,9 @@ def fail_if_stale(
         session.rollback()
         session.refresh(run)
         return False
-    note = charge_failure(session, run.id, run.data_ids, max_row_failures)
+    # Read after the update, which holds the row: the batch as the round last recorded it.
+    batch = session.scalar(select(TrainingRun.batch_ids).where(TrainingRun.id == run.id))
+    note = charge_failure(session, run.id, batch, max_row_failures)
     if note:
         transition(
             session, run.id, RunStatus.failed,
@@ -100,40 +106,77 @@ def fail_if_stale(
     return True
 
 
+def _fail_if_never_taken(session: Session, run: TrainingRun, stale_after: float) -> bool:
+    """Fail a queued round no worker claimed within `stale_after` seconds (commits). Its task, if
+    it still turns up, finds the run no longer queued and exits; the round took no ratings."""
+    cutoff = utcnow() - timedelta(seconds=stale_after)
+    if run.created_at >= cutoff:
+        return False
+    # Conditional on the status: a worker that claims it at this moment keeps it.
+    lost = session.execute(
+        update(TrainingRun)
+        .where(
+            TrainingRun.id == run.id,
+            TrainingRun.status == RunStatus.queued,
+            TrainingRun.created_at < cutoff,
+        )
+        .values(
+            status=RunStatus.failed, finished_at=utcnow(), live=None,
+            reason=f"never started: no worker took it within {stale_after:g} s of "
+            f"{run.created_at.isoformat()} (TRAINING_STALE_AFTER); its task was lost or no "
+            "worker is running",
+        ),
+        execution_options={"synchronize_session": False},
+    )  # fmt: skip
+    session.commit()
+    session.refresh(run)
+    return cast(CursorResult[Any], lost).rowcount == 1
+
+
 def charge_failure(
-    session: Session, run_id: int, data_ids: dict[str, list[int]] | None, limit: int
+    session: Session, run_id: int, batch: dict[str, list[int]] | None, limit: int
 ) -> str | None:
-    """Count a failed round against every rating it took and set aside those that reach `limit`
-    (the caller commits); return what to add to the run's reason, if any were set aside."""
-    notes = []
+    """Count a failed round against the ratings of the batch it was computing on (`batch`, as
+    `TrainingRun.batch_ids`; None: it failed outside any batch, and nothing is charged), and set
+    aside those that reach `limit` (the caller commits). Returns what to add to the run's
+    reason: which ratings were charged, and which set aside."""
+    charged, aside = [], []
     for kind, model in (("feedback", Feedback), ("comparisons", Comparison)):
-        ids = (data_ids or {}).get(kind) or []
+        ids = (batch or {}).get(kind) or []
         if not ids:
             continue
+        # Only ratings still in play: not used by a round since, nor set aside already.
         fresh = [model.id.in_(ids), model.used_in_run_id.is_(None), model.set_aside_at.is_(None)]
+        hit = sorted(session.scalars(select(model.id).where(*fresh)))
+        if not hit:
+            continue
         session.execute(
             update(model).where(*fresh).values(failures=model.failures + 1),
             execution_options={"synchronize_session": False},
         )
-        aside = list(session.scalars(select(model.id).where(*fresh, model.failures >= limit)))
-        if aside:
+        charged.append(f"{kind} {', '.join(map(str, hit))}")
+        reached = list(session.scalars(select(model.id).where(*fresh, model.failures >= limit)))
+        if reached:
             session.execute(
                 update(model)
-                .where(model.id.in_(aside))
+                .where(model.id.in_(reached))
                 .values(
                     set_aside_at=utcnow(),
                     set_aside_reason=f"in {limit} failed rounds (TRAINING_MAX_ROW_FAILURES), "
-                    f"the last run {run_id}",
+                    f"each failing in a batch that held it; the last run {run_id}",
                 ),
                 execution_options={"synchronize_session": False},
             )
-            notes.append(f"{kind} {', '.join(map(str, sorted(aside)))}")
-    if not notes:
+            aside.append(f"{kind} {', '.join(map(str, sorted(reached)))}")
+    if not charged:
         return None
-    return (
-        f"set aside the ratings in {limit} failed rounds (TRAINING_MAX_ROW_FAILURES), which no "
-        f"round takes any more: {'; '.join(notes)}"
-    )
+    note = f"a failure counted against the ratings of the batch it was in: {'; '.join(charged)}"
+    if aside:
+        note += (
+            f"; set aside the ratings in {limit} failed rounds (TRAINING_MAX_ROW_FAILURES), which "
+            f"no round takes any more until an admin restores them: {'; '.join(aside)}"
+        )
+    return note
 
 
 def request_run(

@@ -29,7 +29,12 @@ def promote(
     session: Session, version: ModelVersion, expected_id: int | None
 ) -> ModelVersion | None:
     """Compare-and-set: make `version` active if `expected_id` still is (None: if none is); else
-    return the version active instead and change nothing (the caller commits)."""
+    return the version active instead and change nothing (the caller commits).
+
+    None means `version` is active now. When `expected_id` is no longer active and no other
+    version is either (a process refused it meanwhile), no choice would be overwritten: `version`
+    becomes active, as it would have for `expected_id` None.
+    """
     session.flush()
     if expected_id is not None and expected_id != version.id:
         # On PostgreSQL this waits for a concurrent activation to commit, then sees its outcome.
@@ -37,15 +42,16 @@ def promote(
             session, [ModelVersion.id == expected_id, ModelVersion.status == VersionStatus.active],
             status=VersionStatus.retired,
         )  # fmt: skip
-        if not retired:
-            return active_version(session)
+        if not retired and (current := active_version(session)) is not None:
+            return current
     elif expected_id is None and (current := active_version(session)) is not None:
         return current
     # A race the checks above cannot see ends here: the unique index refuses a second active row.
-    _update(
+    if not _update(
         session, [ModelVersion.id == version.id],
         status=VersionStatus.active, status_reason=None, activated_at=utcnow(),
-    )  # fmt: skip
+    ):  # fmt: skip
+        raise NotFound(f"model version {version.name!r} does not exist")
     return None
 
 

@@ -4,7 +4,7 @@ the base model, and not degenerate, before it serves anyone."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from app.ml.training_config import GateConfig, TokenBudget
 from app.services.datasets import KtoRow, PairRow
+from worker.training.batches import OnBatch, no_batches, ratings_of
 
 FIXED_PROMPTS = (
     "What is the capital of Italy?",
@@ -86,14 +87,18 @@ def completion_logprobs(
     tokenizer: Any,
     items: Sequence[tuple[str, str]],
     budget: TokenBudget = TokenBudget(),
+    on_batch: Callable[[list[int] | None], None] = lambda batch: None,
 ) -> list[float]:
     """Mean per-token log-probability of each completion (ending with EOS) after its prompt, both
-    cut by the truncation rule, in batches of at most `budget.batch_tokens` padded tokens."""
+    cut by the truncation rule, in batches of at most `budget.batch_tokens` padded tokens;
+    `on_batch` is told the indices of each batch's items before it is computed on, and None
+    once it is done."""
     encoded = [encode(tokenizer, prompt, completion, budget) for prompt, completion in items]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     backbone, head = _backbone_and_head(model)
     scores = [0.0] * len(items)
     for batch in token_batches([len(ids) for ids, _ in encoded], budget.batch_tokens):
+        on_batch(batch)
         width = len(encoded[batch[0]][0])
         ids = torch.full((len(batch), width), pad)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -115,6 +120,7 @@ def completion_logprobs(
         )  # fmt: skip
         for row, index in enumerate(batch):
             scores[index] = float(logprobs[row_index == row].mean())
+        on_batch(None)
     return scores
 
 
@@ -194,8 +200,11 @@ def evaluate(
     heldout_pairs: Sequence[PairRow],
     config: GateConfig,
     budget: TokenBudget = TokenBudget(),
+    on_batch: OnBatch = no_batches,
 ) -> GateResult:
-    """Compare a candidate with the active version (None: the base, i.e. adapters disabled)."""
+    """Compare a candidate with the active version (None: the base, i.e. adapters disabled);
+    `on_batch` is told the ratings of each batch of held-out rows as it is scored (the fixed
+    prompts hold none)."""
     metrics: dict[str, Any] = {"gate": config.to_dict(), "token_budget": budget.to_dict()}
 
     @contextlib.contextmanager
@@ -206,15 +215,20 @@ def evaluate(
             with candidate.disable_adapter():
                 yield candidate
 
-    def score(items: list[tuple[str, str]]) -> tuple[list[float], list[float]]:
-        mine = completion_logprobs(candidate, tokenizer, items, budget)
+    def score(
+        items: list[tuple[str, str]], rows: Sequence[KtoRow | PairRow]
+    ) -> tuple[list[float], list[float]]:
+        def holding(batch: list[int] | None) -> None:
+            on_batch(None if batch is None else ratings_of(rows[index] for index in batch))
+
+        mine = completion_logprobs(candidate, tokenizer, items, budget, holding)
         with as_active() as model:
-            theirs = completion_logprobs(model, tokenizer, items, budget)
+            theirs = completion_logprobs(model, tokenizer, items, budget, holding)
         return mine, theirs
 
     gains: list[tuple[float, int]] = []
     if heldout_kto:
-        mine, theirs = score([(row.prompt, row.completion) for row in heldout_kto])
+        mine, theirs = score([(row.prompt, row.completion) for row in heldout_kto], heldout_kto)
         deltas = [m - t for m, t in zip(mine, theirs, strict=True)]
         good = [d for d, row in zip(deltas, heldout_kto, strict=True) if row.label]
         bad = [d for d, row in zip(deltas, heldout_kto, strict=True) if not row.label]
@@ -223,8 +237,12 @@ def evaluate(
         metrics["kto_gain"] = kto_gain
         gains.append((kto_gain, len(heldout_kto)))
     if heldout_pairs:
-        chosen_mine, chosen_theirs = score([(p.prompt, p.chosen) for p in heldout_pairs])
-        rejected_mine, rejected_theirs = score([(p.prompt, p.rejected) for p in heldout_pairs])
+        chosen_mine, chosen_theirs = score(
+            [(p.prompt, p.chosen) for p in heldout_pairs], heldout_pairs
+        )
+        rejected_mine, rejected_theirs = score(
+            [(p.prompt, p.rejected) for p in heldout_pairs], heldout_pairs
+        )
         margin_mine = [c - r for c, r in zip(chosen_mine, rejected_mine, strict=True)]
         margin_theirs = [c - r for c, r in zip(chosen_theirs, rejected_theirs, strict=True)]
         metrics["heldout_pairs"] = len(heldout_pairs)

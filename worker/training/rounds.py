@@ -8,6 +8,7 @@ by someone else) stops, publishes nothing and removes only its own files.
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import threading
@@ -37,14 +38,12 @@ from app.services.notify import announce_activation
 from app.services.serving import base_model_dir
 from app.services.training import charge_failure, claim, fail_if_stale, finish, transition
 from app.services.versions import active_version, next_name, promote
+from worker.training.batches import RatingIds, ratings_of
 from worker.training.dataset import RoundData, build_round_data
 from worker.training.gate import evaluate
 from worker.training.train import train_adapter
 
 log = logging.getLogger(__name__)
-
-CHARGED_PHASES = ("training", "gate")
-"""Phases whose failure may be a rating's doing: the ratings the round took are charged."""
 
 
 class RoundLost(Exception):
@@ -55,12 +54,61 @@ class RatingsUsed(RuntimeError):
     """Some of the round's ratings were used by another round meanwhile."""
 
 
+class DiskFull(RuntimeError):
+    """The version's files did not fit on the versions directory's filesystem."""
+
+
+def _out_of_space(exc: BaseException | None) -> bool:
+    """Whether `exc`, or what caused it, is the filesystem full (or over quota); safetensors
+    reports it in the text of its own error."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if f"os error {errno.ENOSPC}" in str(exc) or f"os error {errno.EDQUOT}" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _free_bytes(path: Path) -> int | str:
+    """Bytes free for `path` (or its nearest existing parent), or `unknown`."""
+    for directory in (path, *path.parents):
+        try:
+            return shutil.disk_usage(directory).free
+        except OSError:
+            continue
+    return "unknown"
+
+
 @dataclass
 class Progress:
     """Where a round is, for its failure handler."""
 
     phase: str = "data"
-    data_ids: dict[str, list[int]] | None = None
+    batch: RatingIds | None = None
+    """The ratings of the batch it is computing on (also on the run, `batch_ids`); None between
+    batches."""
+
+
+class BatchLog:
+    """Records on the run which ratings the batch being computed on holds (`OnBatch`): before
+    the batch, and None after it, each a conditional write committed before the round goes on,
+    so that whoever declares the round lost charges the batch it was really in."""
+
+    def __init__(self, session: Session, run_id: int, progress: Progress) -> None:
+        self.session = session
+        self.run_id = run_id
+        self.progress = progress
+        self._written: RatingIds | None = None
+
+    def __call__(self, ratings: RatingIds | None) -> None:
+        # No batch until the write landed: a failure of the write itself charges nobody.
+        self.progress.batch = None
+        if ratings != self._written:
+            _while_running(self.session, self.run_id, batch_ids=ratings, heartbeat_at=utcnow())
+            self.session.commit()
+            self._written = ratings
+        self.progress.batch = ratings
 
 
 class Heartbeat:
@@ -144,13 +192,12 @@ def _fail(
 ) -> RunStatus:
     reason = f"{type(exc).__name__} in {progress.phase}: {exc}"
     if not finish(session, run_id, RunStatus.running, RunStatus.failed, reason):
-        session.rollback()  # declared lost meanwhile: whoever did so charged the ratings
+        session.rollback()  # declared lost meanwhile: whoever did so charged the batch
         return RunStatus.failed
-    if progress.phase in CHARGED_PHASES:
-        limit = settings.training_max_row_failures
-        note = charge_failure(session, run_id, progress.data_ids, limit)
-        if note:
-            transition(session, run_id, RunStatus.failed, reason=f"{reason}; {note}")
+    # Only the batch it was computing on can have caused it; outside one, nobody is charged.
+    note = charge_failure(session, run_id, progress.batch, settings.training_max_row_failures)
+    if note:
+        transition(session, run_id, RunStatus.failed, reason=f"{reason}; {note}")
     session.commit()
     return RunStatus.failed
 
@@ -174,11 +221,10 @@ def _run(
     budget = TokenBudget.from_settings(settings)
     _remove_orphans(session, settings.versions_dir, run_id)
     data = build_round_data(session, settings)
-    progress.data_ids = taken_ids(data)
     _while_running(
         session, run_id, parent_version_id=parent.id, counts=data.counts(),
         config={"train": train_config.to_dict(), "gate": gate_config.to_dict()},
-        data_ids=progress.data_ids,
+        data_ids=taken_ids(data), batch_ids=None,
     )  # fmt: skip
     session.commit()
     if data.train_size < settings.training_min_items:
@@ -198,10 +244,16 @@ def _run(
     base_path = base_model_dir(settings)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     parent_adapter = Path(parent.path) if parent.kind is VersionKind.adapter else None
+    batches = BatchLog(session, run_id, progress)
     trained = train_adapter(
         base_path, parent_adapter, data.train_kto, data.train_pairs, train_config, tokenizer,
-        lambda step: heartbeat.check(), budget,
+        lambda step: heartbeat.check(), budget, batches,
     )  # fmt: skip
+    batches(None)
+
+    # The curves are on the run while it gates (and stay there if the gate fails).
+    _while_running(session, run_id, metrics=trained.metrics, history=trained.history)
+    session.commit()
 
     progress.phase = "gate"
     heartbeat.check()
@@ -214,13 +266,18 @@ def _run(
         active_model = PeftModel.from_pretrained(load_base(base_path), parent_adapter).eval()
     verdict = evaluate(
         trained.model, active_model, tokenizer, data.heldout_kto, data.heldout_pairs, gate_config,
-        budget,
+        budget, batches,
     )  # fmt: skip
+    batches(None)
     metrics: dict[str, Any] = {**trained.metrics, **verdict.metrics, "passed": verdict.passed}
 
     progress.phase = "publishing"
     heartbeat.check()
     name = next_name(session)
+    # No transaction (nor its connection) held open while the files are written: the one that
+    # publishes starts on a connection checked when it is taken, which survives a database
+    # restart during the write.
+    session.commit()
     feedback_ids, comparison_ids = data.used_ids()
     manifest = {
         "name": name,
@@ -232,9 +289,19 @@ def _run(
         "data": {"feedback_ids": sorted(feedback_ids), "comparison_ids": sorted(comparison_ids)},
         "metrics": metrics,
     }
-    path = write_checkpoint(
-        settings.versions_dir, name, lambda d: trained.model.save_pretrained(str(d)), manifest
-    )
+    try:
+        path = write_checkpoint(
+            settings.versions_dir, name, lambda d: trained.model.save_pretrained(str(d)), manifest
+        )
+    except Exception as exc:  # write_checkpoint removed its partial directory
+        if _out_of_space(exc):
+            raise DiskFull(
+                f"no space left on the device of {settings.versions_dir} "
+                f"({_free_bytes(settings.versions_dir)} bytes free) to write version {name}, so "
+                f"nothing was published ({exc}); once there is room, the next round publishes"
+            ) from exc
+        raise
+    committing = False
     try:
         # One transaction: the version, the used ratings and the run's outcome land together or
         # not at all.
@@ -245,14 +312,37 @@ def _run(
             session, run_id, status=status, reason=reason, finished_at=utcnow(), live=None,
             version_id=version.id, metrics=metrics, history=trained.history,
         )  # fmt: skip
+        # Read before the commit: nothing after it needs the database.
+        version_id, activated = version.id, version.status is VersionStatus.active
+        committing = True
         session.commit()
     except BaseException:
-        session.rollback()
-        shutil.rmtree(path, ignore_errors=True)  # this round's own directory, nothing else
-        raise
-    if version.status is VersionStatus.active:
-        announce_activation(settings.redis_url, version.id)
+        # A commit that raised may have landed all the same (the connection died after the
+        # server committed): then the directory is a published version's, and stays.
+        landed = _landed(session, run_id, version_id) if committing else False
+        if landed is not True:
+            session.rollback()
+            if landed is False:  # (unknown: kept, the next round's clean-up decides)
+                shutil.rmtree(path, ignore_errors=True)  # this round's own directory only
+            raise
+        log.warning("training run %s: its commit raised, but it landed", run_id)
+    if activated:
+        announce_activation(settings.redis_url, version_id)
     return status
+
+
+def _landed(session: Session, run_id: int, version_id: int) -> bool | None:
+    """Whether the publication that raised committed anyway (the run names its version), as
+    the database says now; None when it cannot tell (still unreachable)."""
+    try:
+        session.rollback()
+        found = session.scalar(select(TrainingRun.version_id).where(TrainingRun.id == run_id))
+        session.rollback()
+    except Exception as exc:
+        log.warning("training run %s: cannot tell whether its publication landed: %s", run_id, exc)
+        session.rollback()
+        return None
+    return found == version_id
 
 
 def _publish(
@@ -299,13 +389,9 @@ def _publish(
     return version, RunStatus.succeeded, reason
 
 
-def taken_ids(data: RoundData) -> dict[str, list[int]]:
-    """Every rating the round computes on, train and held-out: those a failure is charged to."""
-    feedback = {row.feedback_id for row in [*data.train_kto, *data.heldout_kto]}
-    pairs = [*data.train_pairs, *data.heldout_pairs]
-    feedback |= {row.source_id for row in pairs if row.source == "correction"}
-    comparisons = {row.source_id for row in pairs if row.source == "comparison"}
-    return {"feedback": sorted(feedback), "comparisons": sorted(comparisons)}
+def taken_ids(data: RoundData) -> RatingIds:
+    """Every rating the round computes on, train and held-out (recorded on the run)."""
+    return ratings_of([*data.train_kto, *data.heldout_kto, *data.train_pairs, *data.heldout_pairs])
 
 
 def mark_used(

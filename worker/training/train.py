@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback
+from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainerCallback
 
 from app.ml.training_config import TokenBudget, TrainConfig
 from app.services.datasets import KtoRow, PairRow
+from worker.training.batches import OnBatch, no_batches, ratings_of
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +75,63 @@ def truncate_row(row: dict[str, Any], budget: TokenBudget) -> dict[str, Any]:
     return cut
 
 
-class _Truncating:
-    """Cuts each tokenized row by the budget's truncation rule before TRL's collator pads it."""
+ROW = "flm_row"
+"""The dataset column holding each row's index in the rows given to `train_adapter`."""
+HELD = "flm_held_rows"
+"""The batch key listing the rows whose data the batch holds (its own, and those KTO borrowed
+completions from for its KL term)."""
 
-    def __init__(self, collate: Callable[[list[dict[str, Any]]], Any], budget: TokenBudget) -> None:
+
+class _Truncating:
+    """Cuts each tokenized row by the budget's truncation rule before TRL's collator pads it, and
+    notes in the batch (`HELD`) which rows it holds."""
+
+    def __init__(
+        self,
+        collate: Callable[[list[dict[str, Any]]], Any],
+        budget: TokenBudget,
+        completions: dict[tuple[int, ...], list[int]] | None = None,
+    ) -> None:
         self.collate = collate
         self.budget = budget
+        self.completions = completions or {}
+        """Rows by their tokenized completion, to tell whose completion a KL term borrows."""
 
     def __call__(self, rows: list[dict[str, Any]]) -> Any:
-        return self.collate([truncate_row(row, self.budget) for row in rows])
+        held = {row[ROW] for row in rows}
+        for row in rows:
+            if "KL_completion_ids" in row:
+                held.update(self.completions.get(tuple(row["KL_completion_ids"]), ()))
+        batch = self.collate([truncate_row(row, self.budget) for row in rows])
+        batch[HELD] = torch.tensor(sorted(held), dtype=torch.long)
+        return batch
 
 
-def micro_batches(config: TrainConfig, budget: TokenBudget) -> tuple[int, int]:
+def _report_batches(trainer: Trainer, rows: Sequence[KtoRow | PairRow], on_batch: OnBatch) -> None:
+    """Tell `on_batch` the ratings of each micro-batch before its forward and backward pass, and
+    None once they are done (a failure in between, the optimiser step say, is in no batch)."""
+    step = trainer.training_step
+
+    def training_step(model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        held = inputs.pop(HELD).tolist()
+        on_batch(ratings_of(rows[index] for index in held))
+        loss = step(model, inputs, *args, **kwargs)
+        on_batch(None)
+        return loss
+
+    setattr(trainer, "training_step", training_step)  # noqa: B010 (a method: mypy refuses =)
+
+
+def micro_batches(
+    config: TrainConfig, budget: TokenBudget, sequences: int = 1, least: int = 1
+) -> tuple[int, int]:
     """(rows per micro-batch, micro-batches per optimiser step): at most `budget.batch_tokens`
-    tokens at once, about `config.batch_size` rows per step."""
-    rows = min(config.batch_size, budget.batch_tokens // budget.max_length)
+    tokens computed with gradients at once (a row is `sequences` of up to `max_length`: DPO's
+    chosen and rejected answers are two, KTO's answer one, its KL term's runs without
+    gradients), at least `least` rows (KTO's KL term pairs rows), about `config.batch_size`
+    rows per optimiser step."""
+    fit = budget.batch_tokens // (sequences * budget.max_length)
+    rows = min(config.batch_size, max(least, fit))
     return rows, math.ceil(config.batch_size / rows)
 
 
@@ -101,9 +144,11 @@ def train_adapter(
     tokenizer: Any,
     on_step: Callable[[int], None] = lambda step: None,
     budget: TokenBudget = TokenBudget(),
+    on_batch: OnBatch = no_batches,
 ) -> TrainResult:
     """Train a LoRA adapter (continuing `parent_adapter` when given) against the original base,
-    on rows cut by the budget's truncation rule, in micro-batches within its token budget."""
+    on rows cut by the budget's truncation rule, in micro-batches within its token budget;
+    `on_batch` is told the ratings of each micro-batch as it is computed on."""
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     torch.manual_seed(config.seed)
@@ -125,10 +170,7 @@ def train_adapter(
     for parameter in reference.parameters():
         parameter.requires_grad_(False)
 
-    rows, accumulation = micro_batches(config, budget)
     common: dict[str, Any] = {
-        "per_device_train_batch_size": rows,
-        "gradient_accumulation_steps": accumulation,
         "num_train_epochs": config.epochs,
         "learning_rate": config.learning_rate,
         "beta": config.beta,
@@ -148,6 +190,8 @@ def train_adapter(
         # checkpointing to fit in memory.
         "bf16": False,
         "gradient_checkpointing": False,
+        # The rows keep their index (`ROW`), so that each batch can say whose ratings it holds.
+        "remove_unused_columns": False,
     }
     result = TrainResult(model=model)
     callbacks: list[TrainerCallback] = [_Heartbeat(on_step)]
@@ -161,30 +205,52 @@ def train_adapter(
                     output_dir=scratch,
                     desirable_weight=desirable_weight,
                     undesirable_weight=undesirable_weight,
+                    **_batching(micro_batches(config, budget, sequences=1, least=2)),
                     **common,
                 ),
-                train_dataset=Dataset.from_list([row.trl() for row in kto_rows]),
+                train_dataset=_dataset(kto_rows),
                 processing_class=tokenizer,
                 callbacks=callbacks,
             )
-            kto.data_collator = _Truncating(kto.data_collator, budget)
+            completions: dict[tuple[int, ...], list[int]] = {}
+            tokenized = kto.train_dataset
+            assert isinstance(tokenized, Dataset)
+            for ids, index in zip(tokenized["completion_ids"], tokenized[ROW], strict=True):
+                completions.setdefault(tuple(ids), []).append(index)
+            kto.data_collator = _Truncating(kto.data_collator, budget, completions)
+            _report_batches(kto, kto_rows, on_batch)
             kto.train()
             result.history += _steps(kto.state.log_history, "kto")
         if pair_rows:
             dpo = DPOTrainer(
                 model=model,
                 ref_model=reference,
-                args=DPOConfig(output_dir=scratch, **common),
-                train_dataset=Dataset.from_list([row.trl() for row in pair_rows]),
+                args=DPOConfig(
+                    output_dir=scratch,
+                    **_batching(micro_batches(config, budget, sequences=2)),
+                    **common,
+                ),
+                train_dataset=_dataset(pair_rows),
                 processing_class=tokenizer,
                 callbacks=callbacks,
             )
             dpo.data_collator = _Truncating(dpo.data_collator, budget)
+            _report_batches(dpo, pair_rows, on_batch)
             dpo.train()
             result.history += _steps(dpo.state.log_history, "dpo")
     result.metrics = _summary(result.history)
     model.eval()
     return result
+
+
+def _batching(batches: tuple[int, int]) -> dict[str, Any]:
+    rows, accumulation = batches
+    return {"per_device_train_batch_size": rows, "gradient_accumulation_steps": accumulation}
+
+
+def _dataset(rows: Sequence[KtoRow | PairRow]) -> Dataset:
+    """The rows in TRL's format, each with its index (`ROW`)."""
+    return Dataset.from_list([{**row.trl(), ROW: index} for index, row in enumerate(rows)])
 
 
 def _steps(log_history: list[dict[str, Any]], phase: str) -> list[dict[str, Any]]:

@@ -88,6 +88,16 @@ def _rate_corrected(client: httpx.Client, count: int) -> list[int]:
 # --- Redis stopped -----------------------------------------------------------------------------
 
 
+class OnSharedPostgres:
+    """Test classes on the shared PostgreSQL (a fresh database each test), not the default."""
+
+    @pytest.fixture
+    def db_url(self, pg_url: str) -> str:
+        """The shared PostgreSQL, emptied."""
+        reset_database(pg_url)
+        return pg_url
+
+
 class RedisServer:
     """A private redis-server on its own port (the machine's shared one is never touched)."""
 
@@ -135,14 +145,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-class TestRedisStopped:
+class TestRedisStopped(OnSharedPostgres):
     """PostgreSQL and a private Redis (broker, rate limits, version announcements)."""
-
-    @pytest.fixture
-    def db_url(self, pg_url: str) -> str:
-        """The shared PostgreSQL only (Redis goes with it in deployments)."""
-        reset_database(pg_url)
-        return pg_url
 
     @pytest.fixture
     def settings(self, settings: Settings, redis_server: RedisServer) -> Settings:
@@ -199,14 +203,8 @@ class TestRedisStopped:
             stop_process(worker)
 
 
-class TestRedisStoppedDuringASwap:
+class TestRedisStoppedDuringASwap(OnSharedPostgres):
     """Two API apps on PostgreSQL and a private Redis; a round publishes while Redis is down."""
-
-    @pytest.fixture
-    def db_url(self, pg_url: str) -> str:
-        """The shared PostgreSQL."""
-        reset_database(pg_url)
-        return pg_url
 
     @pytest.fixture
     def settings(self, settings: Settings, redis_server: RedisServer) -> Settings:
@@ -699,14 +697,8 @@ def test_nothing_acknowledged_is_lost_when_the_api_process_is_killed(
 # --- The worker killed in the gate --------------------------------------------------------------
 
 
-class TestWorkerKilledInTheGate:
+class TestWorkerKilledInTheGate(OnSharedPostgres):
     """A Celery worker on PostgreSQL and a private Redis, killed while its round gates."""
-
-    @pytest.fixture
-    def db_url(self, pg_url: str) -> str:
-        """The shared PostgreSQL."""
-        reset_database(pg_url)
-        return pg_url
 
     @pytest.fixture
     def settings(self, settings: Settings, redis_server: RedisServer) -> Settings:
@@ -818,14 +810,8 @@ def _fill(directory: Path, leave: int) -> Path:
     return filler
 
 
-class TestDiskFull:
+class TestDiskFull(OnSharedPostgres):
     """PostgreSQL, and versions on a filesystem that fills up during a version's write."""
-
-    @pytest.fixture
-    def db_url(self, pg_url: str) -> str:
-        """The shared PostgreSQL."""
-        reset_database(pg_url)
-        return pg_url
 
     @pytest.fixture
     def settings(self, settings: Settings) -> Settings:

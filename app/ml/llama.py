@@ -619,7 +619,7 @@ class KVCache:
             self._resize(need_rows, max(need_cols, self.length - self.first))
 
 
-class DecodeStep:
+class LayerStep:
     """One decode step of a batch, or one chunk of a long prompt, run whole or a few layers at
     a time (`run`)."""
 
@@ -702,7 +702,7 @@ class LlamaDecoder:
         self.start_chunk(partial, tokens).run()
         return None
 
-    def start_chunk(self, partial: Partial, tokens: int) -> DecodeStep:
+    def start_chunk(self, partial: Partial, tokens: int) -> LayerStep:
         """The next `tokens` of a partial prompt (more are left after them) as a step to run a
         few layers at a time; it gives no logits. Nothing else may advance this prompt until it
         is done."""
@@ -729,7 +729,7 @@ class LlamaDecoder:
             weights, partial.prompt[None, start:end], torch.arange(start, end)[None, :], attend,
             prefill=tokens > SMALL_CHUNK,
         )  # fmt: skip
-        return DecodeStep(layers, finish)
+        return LayerStep(layers, finish)
 
     def drop(self, partial: Partial) -> None:
         """Stop prefilling a partial prompt (its request was cancelled, or it failed)."""
@@ -847,7 +847,7 @@ class LlamaDecoder:
         assert logits is not None
         return logits
 
-    def start_decode(self, tokens: list[int]) -> DecodeStep:
+    def start_decode(self, tokens: list[int]) -> LayerStep:
         """A decode step (one token for every row) to run a few layers at a time; nothing else
         may change this decoder's rows until it is done."""
         cache, weights = self.cache, self.weights
@@ -879,7 +879,7 @@ class LlamaDecoder:
             return logits
 
         inputs = torch.tensor(tokens)[:, None]
-        return DecodeStep(LayerPass(weights, inputs, positions, attend, prefill=False), finish)
+        return LayerStep(LayerPass(weights, inputs, positions, attend, prefill=False), finish)
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows, in this order."""

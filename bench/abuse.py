@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -190,21 +191,43 @@ def memory(pid: int) -> tuple[float, float]:
     return kib("VmRSS"), kib("VmHWM")
 
 
-async def run_phase(
-    base: str, keys: list[str], abuser: str | None, seconds: float, args: argparse.Namespace
-) -> Phase:
+async def run_phase(base: str, keys: list[str], seconds: float) -> Phase:
+    """The chatting keys for `seconds`: their gaps, first tokens and statuses."""
     phase = Phase()
     until = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=len(keys) + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        await asyncio.gather(*(chat(client, key, until, phase) for key in keys))
+    return phase
+
+
+async def run_abuser(base: str, key: str, seconds: float, concurrency: int, text: str) -> Phase:
+    """The abusing key's `concurrency` loops for `seconds`: its answers by status."""
+    phase = Phase()
+    until = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        await asyncio.gather(*(abuse(client, key, until, phase, text) for _ in range(concurrency)))
+    return phase
+
+
+def abuser_process(base: str, key: str, seconds: float, concurrency: int, text: str) -> Phase:
+    """run_abuser in a process of its own (multiprocessing's entry point)."""
+    return asyncio.run(run_abuser(base, key, seconds, concurrency, text))
+
+
+def abused_phase(base: str, keys: list[str], abuser: str, args: argparse.Namespace) -> Phase:
+    """The chatting keys while the abuser floods from another process, so that the abuser's own
+    client work does not delay this process's reading of the others' tokens."""
     text = " ".join(random.Random(0).choice(WORDS) for _ in range(args.max_chars // 7))
     text = text[: args.max_chars]
-    limits = httpx.Limits(max_connections=len(keys) + args.abuser_concurrency + 4)
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
-        tasks = [chat(client, key, until, phase) for key in keys]
-        if abuser is not None:
-            tasks += [
-                abuse(client, abuser, until, phase, text) for _ in range(args.abuser_concurrency)
-            ]
-        await asyncio.gather(*tasks)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        flood = pool.apply_async(
+            abuser_process, (base, abuser, args.duration, args.abuser_concurrency, text)
+        )
+        phase = asyncio.run(run_phase(base, keys, args.duration))
+        abused = flood.get(timeout=args.duration + 900)
+    phase.abuser, phase.abuser_tokens = abused.abuser, abused.abuser_tokens
     return phase
 
 
@@ -223,10 +246,10 @@ def serve_phase(args: argparse.Namespace) -> bool:
     try:
         keys = [key for key, _ in user_keys(base, ADMIN, args.clients + 1, "abuse")]
         *chatting, abuser = keys
-        asyncio.run(run_phase(base, chatting, None, 5, args))  # warm-up, not counted
-        idle = asyncio.run(run_phase(base, chatting, None, args.duration, args))
+        asyncio.run(run_phase(base, chatting, 5))  # warm-up, not counted
+        idle = asyncio.run(run_phase(base, chatting, args.duration))
         idle_memory = memory(server.pid)
-        abused = asyncio.run(run_phase(base, chatting, abuser, args.duration, args))
+        abused = abused_phase(base, chatting, abuser, args)
         abused_memory = memory(server.pid)
     finally:
         stop(server)

@@ -4,7 +4,8 @@ Serving (`--phase serve`): starts one API process on the real default model (SQL
 measures the chatting keys' time between tokens and time to first token twice: with the server
 otherwise idle, and while one more key sends prompts as long as MAX_PROMPT_CHARS allows with
 max_tokens 1024, keeping --abuser-concurrency requests open (the engine's cap per key answers 429
-beyond its own). Prints, for both phases, the others' TBT and TTFT percentiles, the abuser's
+beyond its own) from a process of its own, so that its client work does not delay the reading
+of the others' tokens. Prints, for both phases, the others' TBT and TTFT percentiles, the abuser's
 answers by status, and the API process's resident memory (current and peak); fails if any
 answer was a 5xx.
 
@@ -20,7 +21,7 @@ and down in turn), a correction of exactly the correction cap (TRAINING_MAX_LENG
 TRAINING_MAX_PROMPT_TOKENS - 1 tokens) and a 4,000-character comment; one over-long input and
 one over-cap correction, which must get a 422. Then one training round on the worker (POST
 /v1/training/runs), with the default TokenBudget settings (TRAINING_MAX_LENGTH 512,
-TRAINING_MAX_PROMPT_TOKENS 256, TRAINING_BATCH_TOKENS 4096, TRAINING_CHUNK_TOKENS 256), the
+TRAINING_MAX_PROMPT_TOKENS 256, TRAINING_BATCH_TOKENS 1024, TRAINING_CHUNK_TOKENS 256), the
 default TrainConfig and GateConfig except `epochs` (--epochs, 1 by default where TrainConfig's is
 2, to keep the round near ten minutes on a 2-core CPU: steps do not change what one micro-batch
 holds, so the peak is the same; --epochs 0 keeps the default). Prints the round's outcome

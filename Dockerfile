@@ -19,12 +19,15 @@ RUN groupadd --system --gid 10001 app \
     && mkdir -p /data \
     && chown app:app /data
 
-# The CPU build of torch first, from PyTorch's CPU index: the default PyPI wheel pulls in
-# several GB of CUDA libraries. Its own layer, so code changes never reinstall it.
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# torch first, in a layer of its own so code changes never reinstall it. By default the CPU
+# build from PyTorch's CPU index (PyPI's Linux wheel pulls in several GB of CUDA libraries);
+# docker-compose.gpu.yml builds the worker with TORCH_INDEX=https://pypi.org/simple, whose Linux
+# wheel is the CUDA build.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir torch==2.13.0 --index-url "${TORCH_INDEX}"
 
 # The remaining dependencies, read from pyproject.toml alone, so this layer is rebuilt only
-# when the dependencies change (torch==2.13.0 is already satisfied by the CPU wheel).
+# when the dependencies change (torch==2.13.0 is already satisfied by the wheel above).
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \

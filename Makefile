@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint format typecheck setup key clean browser
+.PHONY: run test test-fast lint format typecheck setup key clean browser nginx
 
 # Reinstall only when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -22,7 +22,7 @@ setup: $(STAMP)
 	$(PY) -m app.cli setup
 
 ## test: lint, type-check and run the whole suite (PostgreSQL and Redis on this machine)
-test: $(STAMP) browser
+test: $(STAMP) browser nginx
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -37,6 +37,15 @@ browser:
 	@test -x /usr/bin/chromium || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+## nginx: Debian's nginx for the proxy tests (tests/test_proxy.py starts its own, on a free
+## port, with deploy/nginx/default.conf); the package's own service is not needed, so it is
+## stopped and disabled where systemd started it
+nginx:
+	@test -x /usr/sbin/nginx || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq nginx >/dev/null && \
+	  { ! [ -d /run/systemd/system ] || $$SUDO systemctl disable --now nginx >/dev/null 2>&1 || true; }; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -451,3 +451,46 @@ def test_a_decode_step_run_a_layer_at_a_time_gives_the_logits_of_one_run_whole(
     assert all(part is None for part in parts[:-1]) and step.left == 0
     assert parts[-1] is not None and torch.equal(parts[-1], whole)
     assert torch.equal(decoders[1].decode([1, 2]), decoders[0].decode([1, 2]))
+
+
+def test_a_long_prompt_s_last_chunk_joins_the_rows_a_layer_at_a_time() -> None:
+    """Found with bench/abuse.py: a long prompt's last chunk, with the row's room made and its
+    stored keys copied, ran whole (130-340 ms on 2 cores for 2,315 tokens) while every chat
+    waited. It runs a layer at a time like any chunk, with the model's logits; dropped half-way,
+    it leaves the rows as they were."""
+    model = llama()
+    weights = LlamaWeights.of(model)
+    assert weights is not None
+    decoder = LlamaDecoder(weights)
+    generator = torch.Generator().manual_seed(13)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, SHAPE["vocab_size"], (n,), generator=generator).tolist()
+
+    running = tokens(9)
+    decoder.prefill([torch.tensor(running)], reach=[200])
+    for long, join in ((tokens(60), True), (tokens(70), False)):
+        partial = decoder.begin(torch.tensor(long), reach=len(long) + 10)
+        while partial.left > 16:
+            decoder.start_chunk(partial, 16).run()
+        step = decoder.start_chunk(partial, partial.left)
+        if not join:
+            assert step.run(1) is None
+            decoder.drop(partial)
+            assert decoder.rows == 1 and not decoder.partials
+            running.append(tokens(1)[0])
+            (row,) = decoder.decode([running[-1]])
+            assert torch.allclose(row, expected(model, running), atol=1e-4, rtol=1e-4)
+            continue
+        parts = [step.run(1) for _ in range(step.layers)]
+        assert all(part is None for part in parts[:-1]) and step.left == 0
+        logits = parts[-1]
+        assert logits is not None and decoder.rows == 2
+        assert torch.allclose(logits[0], expected(model, long), atol=1e-4, rtol=1e-4)
+        step_tokens = [running[-1] + 1, long[-1] + 1]
+        running.append(step_tokens[0])
+        long.append(step_tokens[1])
+        first, second = decoder.decode(step_tokens)
+        assert torch.allclose(first, expected(model, running), atol=1e-4, rtol=1e-4)
+        assert torch.allclose(second, expected(model, long), atol=1e-4, rtol=1e-4)
+        decoder.keep([0])

@@ -1,4 +1,6 @@
-"""Static checks of the deployment files: docker-compose.yml, the Dockerfile and .dockerignore."""
+"""Static checks of the deployment files: docker-compose.yml, the nginx proxy's configuration
+(deploy/nginx/default.conf), the Dockerfile and .dockerignore. tests/test_proxy.py runs the
+proxy for real."""
 
 from __future__ import annotations
 
@@ -23,10 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+NGINX_CONFIG = ROOT / "deploy" / "nginx" / "default.conf"
+GPU_COMPOSE_FILE = ROOT / "docker-compose.gpu.yml"
 
 APP_SERVICES = ("migrate", "api", "worker", "beat")
 LONG_RUNNING = ("api", "worker", "beat")
-ALL_SERVICES = ("postgres", "redis", *APP_SERVICES)
+ALL_SERVICES = ("postgres", "redis", *APP_SERVICES, "proxy")
+PROXY_PORT = "8000"
+"""The one port the deployment publishes: the proxy's."""
 DATA_DIR = "/data"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
@@ -151,6 +157,94 @@ def _find_spec(name: str) -> importlib.machinery.ModuleSpec | None:
         return importlib.util.find_spec(name)
     except ModuleNotFoundError:  # a parent package is missing
         return None
+
+
+def _published(port: object) -> tuple[str, str]:
+    """(host port, container port) of a `ports` entry, short or long syntax."""
+    if isinstance(port, dict):
+        return str(port.get("published")), str(port.get("target"))
+    parts = str(port).split(":")
+    return parts[-2], parts[-1]
+
+
+def _seconds(value: str) -> float:
+    """An nginx or compose duration (`300s`, `1m`, `1h`, `30s`, `10`) in seconds."""
+    match = re.fullmatch(r"(\d+)(ms|s|m|h)?", value)
+    assert match, f"not a duration: {value!r}"
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+    return int(match.group(1)) * scale
+
+
+NginxDirective = tuple[tuple[str, ...], str, list[str]]
+
+
+def _nginx() -> list[NginxDirective]:
+    """deploy/nginx/default.conf as (enclosing blocks, name, arguments), blocks included."""
+    return _parse_nginx(NGINX_CONFIG.read_text(encoding="utf-8"))
+
+
+def _parse_nginx(text: str) -> list[NginxDirective]:
+    directives: list[NginxDirective] = []
+    context: list[str] = []
+    words: list[str] = []
+    word, quote, i = "", "", 0
+    while i < len(text):
+        char = text[i]
+        if quote:
+            if char == "\\" and i + 1 < len(text):
+                word += text[i : i + 2]
+                i += 2
+                continue
+            if char == quote:
+                words.append(word)
+                word, quote = "", ""
+            else:
+                word += char
+        elif char in "'\"":
+            quote = char
+        elif char == "#":
+            i = text.find("\n", i)
+            if i < 0:
+                break
+            continue
+        elif char.isspace() or char in ";{}":
+            if word:
+                words.append(word)
+                word = ""
+            if char == ";":
+                directives.append((tuple(context), words[0], words[1:]))
+                words = []
+            elif char == "{":
+                directives.append((tuple(context), words[0], words[1:]))
+                context.append(" ".join(words))
+                words = []
+            elif char == "}":
+                assert context and not words, "unbalanced } in the nginx configuration"
+                context.pop()
+        else:
+            word += char
+        i += 1
+    assert not context and not words and not quote, "the nginx configuration is not closed"
+    return directives
+
+
+def _block(config: list[NginxDirective], *path: str) -> dict[str, list[str]]:
+    """The directives directly inside the block at `path` (`"server"`, `"location"` = the
+    `location /`), by name; `set` and `proxy_set_header` keyed with their first argument;
+    nested `location` blocks and `error_page` lists left out (read them from `config`)."""
+    wanted = tuple("location /" if step == "location" else step for step in path)
+    found: dict[str, list[str]] = {}
+    for context, name, args in config:
+        if context != wanted:
+            continue
+        if name in ("set", "proxy_set_header"):
+            name, args = f"{name} {args[0]}", args[1:]
+        elif name in ("location", "error_page"):  # blocks and lists, looked at otherwise
+            continue
+        assert name not in found, f"{name} given twice in {wanted}"
+        found[name] = args
+    assert found or not path, f"no block {wanted} in {NGINX_CONFIG.name}"
+    return found
 
 
 def _torch_pin() -> str:
@@ -315,11 +409,159 @@ def test_start_order(services: dict[str, dict[str, Any]], name: str) -> None:
     assert depends.get("redis") == "service_healthy"
 
 
-def test_api_port_is_published(services: dict[str, dict[str, Any]]) -> None:
-    """The api's listening port is the container port published by compose."""
+def test_only_the_proxy_publishes_a_port(services: dict[str, dict[str, Any]]) -> None:
+    """The api publishes no host port (`--scale api=N` would collide on it), nor does anything
+    else but the proxy, which publishes 8000."""
+    publishing = sorted(name for name, service in services.items() if service.get("ports"))
+    assert publishing == ["proxy"], publishing
+    published = [_published(port) for port in services["proxy"]["ports"]]
+    assert published == [(PROXY_PORT, PROXY_PORT)], published
+
+
+def test_api_exposes_its_port_on_the_network(services: dict[str, dict[str, Any]]) -> None:
+    """The api listens on all interfaces of its container, on the port it declares (`expose`)
+    and the proxy sends to."""
+    tokens = _command(services["api"])
+    assert _option(tokens, "--host") == "0.0.0.0"
+    api_port = _option(tokens, "--port")
+    assert api_port in [str(port) for port in services["api"].get("expose") or []]
+    assert "replicas" not in services["api"].get("deploy", {}), "use --scale, not a fixed count"
+    assert "container_name" not in services["api"], "a fixed name cannot be scaled"
+
+
+def test_api_trusts_forwarded_headers(services: dict[str, dict[str, Any]]) -> None:
+    """The api takes the client's address from the proxy's X-Forwarded-For, which the proxy sets
+    itself (never appending a client's own)."""
+    assert _option(_command(services["api"]), "--forwarded-allow-ips") == "*"
+    location = _block(_nginx(), "server", "location")
+    assert location.get("proxy_set_header X-Forwarded-For") == ["$remote_addr"]
+
+
+def test_api_reads_the_data_volume_only(services: dict[str, dict[str, Any]]) -> None:
+    """Replicas share the data volume read-only: the worker writes versions, migrate the model."""
+    for volume in services["api"].get("volumes") or []:
+        if isinstance(volume, str):
+            assert volume.split(":")[2:] == ["ro"], volume
+        else:
+            assert volume.get("read_only") is True, volume
+    for name in ("migrate", "worker", "beat"):
+        modes = [v.split(":")[2:] for v in services[name]["volumes"] if isinstance(v, str)]
+        assert ["ro"] not in modes, f"{name} must write the data volume"
+
+
+def test_api_stops_gracefully(services: dict[str, dict[str, Any]]) -> None:
+    """An api container stopped or restarted gets time to finish its requests, streams too."""
+    grace = services["api"].get("stop_grace_period", "10s")
+    assert _seconds(str(grace)) >= 30
+
+
+# ---------------------------------------------------------------------------------------------
+# docker-compose.yml and deploy/nginx: the proxy
+
+
+def test_proxy_is_official_nginx(services: dict[str, dict[str, Any]]) -> None:
+    """The proxy runs the official nginx image at a pinned 1.x branch (1.22 or later: the file
+    must also run on Debian's nginx, which tests/test_proxy.py uses), never `latest`."""
+    proxy = services["proxy"]
+    assert "build" not in proxy, "the proxy is the official image, not built here"
+    match = re.fullmatch(r"nginx:1\.(\d+)(\.\d+)?(-[a-z0-9.-]+)?", str(proxy.get("image")))
+    assert match, f"image {proxy.get('image')!r} is not a pinned official nginx:1.x tag"
+    assert int(match.group(1)) >= 22
+    assert proxy.get("restart") == "unless-stopped"
+
+
+def test_proxy_mounts_the_deploy_config(services: dict[str, dict[str, Any]]) -> None:
+    """deploy/nginx/default.conf is mounted read-only where the image's nginx.conf includes it."""
+    volumes = services["proxy"].get("volumes") or []
+    assert volumes == [
+        f"./{NGINX_CONFIG.relative_to(ROOT).as_posix()}:/etc/nginx/conf.d/default.conf:ro"
+    ], volumes
+    assert NGINX_CONFIG.is_file()
+
+
+def test_proxy_starts_after_a_ready_api(services: dict[str, dict[str, Any]]) -> None:
+    """The proxy waits for the api's healthcheck (GET /readyz) before it takes requests."""
+    assert _depends_on(services["proxy"]).get("api") == "service_healthy"
+    assert "/readyz" in _healthcheck_test(services["api"])
+
+
+def test_proxy_shares_nothing_with_the_app(services: dict[str, dict[str, Any]]) -> None:
+    """The proxy has no database, Redis or data volume: it only forwards."""
+    assert not _environment(services["proxy"])
+    assert DATA_DIR not in _volume_mounts(services["proxy"])
+
+
+def test_nginx_listens_on_the_published_port(services: dict[str, dict[str, Any]]) -> None:
+    """nginx listens on the port compose publishes, and sends to the api service's port."""
+    server = _block(_nginx(), "server")
+    assert server["listen"] == [PROXY_PORT]
     api_port = _option(_command(services["api"]), "--port")
-    published = [str(port).rsplit(":", 1)[-1] for port in services["api"].get("ports") or []]
-    assert api_port in published
+    assert server["set $api_upstream"] == [f"api:{api_port}"]
+
+
+def test_nginx_re_resolves_the_replicas() -> None:
+    """The upstream is a variable, resolved at request time through Docker's DNS, so replicas
+    added or removed by --scale are seen; an `upstream` block would resolve `api` once."""
+    config = _nginx()
+    top = _block(config)
+    resolver = top["resolver"]
+    assert resolver[0] == "127.0.0.11", "Docker's embedded DNS"
+    valid = next(arg for arg in resolver if arg.startswith("valid="))
+    assert _seconds(valid.removeprefix("valid=")) <= 30
+    assert "ipv6=off" in resolver
+    assert not [d for d in config if d[1] == "upstream"], "an upstream block never re-resolves"
+    location = _block(config, "server", "location")
+    assert location["proxy_pass"] == ["http://$api_upstream"]
+
+
+def test_nginx_keeps_streams_open_and_unbuffered() -> None:
+    """Server-sent events pass as they come (no response buffering, no gzip) and a quiet
+    stream is not cut before its first token."""
+    location = _block(_nginx(), "server", "location")
+    assert location["proxy_buffering"] == ["off"]
+    assert location["gzip"] == ["off"]
+    assert location["proxy_http_version"] == ["1.1"]
+    assert _seconds(location["proxy_read_timeout"][0]) >= 300
+    assert "proxy_cache" not in location
+
+
+def test_nginx_fails_over_without_repeating_writes() -> None:
+    """A refused connection, a timeout or a 503 (a replica not ready) passes the request on; a
+    POST only when nothing was sent (no `non_idempotent`); a 429 never (limits are global)."""
+    location = _block(_nginx(), "server", "location")
+    cases = location["proxy_next_upstream"]
+    assert {"error", "timeout", "http_503"} <= set(cases), cases
+    assert "non_idempotent" not in cases and "http_429" not in cases and "off" not in cases
+    assert _seconds(location["proxy_connect_timeout"][0]) <= 2
+    assert _seconds(location["proxy_next_upstream_timeout"][0]) > 0
+    assert location.get("proxy_request_buffering", ["on"]) == ["on"], "needed to retry a POST"
+    assert location.get("proxy_intercept_errors", ["off"]) == ["off"], "the app's errors pass"
+
+
+def test_nginx_body_cap_is_above_the_apps() -> None:
+    """nginx accepts bodies past the app's MAX_BODY_BYTES, so the app's own 413 is what callers
+    normally see."""
+    from app.config import Settings
+
+    cap = _block(_nginx(), "server")["client_max_body_size"][0]
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    size = int(cap[:-1]) * units[cap[-1].lower()] if cap[-1].isalpha() else int(cap)
+    assert size > Settings.model_fields["max_body_bytes"].default
+
+
+def test_nginx_errors_are_json() -> None:
+    """nginx's own 502, 504 and 413 answer in the API's JSON shape."""
+    config = _nginx()
+    server = [
+        args for context, name, args in config if context == ("server",) and name == "error_page"
+    ]
+    handled = {code for args in server for code in args[:-1]}
+    assert {"502", "504", "413"} <= handled, server
+    for args in server:
+        named = _block(config, "server", f"location {args[-1]}")
+        assert named["default_type"] == ["application/json"]
+        body = json.loads(named["return"][1].encode().decode("unicode_escape"))
+        assert isinstance(body["detail"], str)
 
 
 def test_beat_schedule_is_on_data_volume(services: dict[str, dict[str, Any]]) -> None:
@@ -378,12 +620,27 @@ def test_dockerfile_base_image(dockerfile: list[tuple[str, str]]) -> None:
     assert bases[-1] == "python:3.11-slim" or bases[-1].startswith("python:3.11-slim@")
 
 
+def _torch_index_default(dockerfile: list[tuple[str, str]]) -> str:
+    """The default of the Dockerfile's TORCH_INDEX build argument."""
+    defaults = [
+        args.split("=", 1)[1].strip()
+        for keyword, args in dockerfile
+        if keyword == "ARG" and args.startswith("TORCH_INDEX=")
+    ]
+    assert len(defaults) == 1, "the Dockerfile declares no single ARG TORCH_INDEX=<default>"
+    return defaults[0]
+
+
 def test_dockerfile_installs_cpu_torch_first(dockerfile: list[tuple[str, str]]) -> None:
-    """Torch is pyproject's pin, from the CPU index, installed before the project itself."""
+    """Torch is pyproject's pin, from the CPU index unless TORCH_INDEX says otherwise,
+    installed before the project itself."""
+    assert _torch_index_default(dockerfile) == TORCH_CPU_INDEX
     runs = [args for keyword, args in dockerfile if keyword == "RUN"]
     pin = f"torch=={_torch_pin()}"
-    torch_runs = [i for i, args in enumerate(runs) if pin in args and TORCH_CPU_INDEX in args]
-    assert torch_runs, f"no RUN installs {pin} from {TORCH_CPU_INDEX}"
+    torch_runs = [
+        i for i, args in enumerate(runs) if pin in args and '--index-url "${TORCH_INDEX}"' in args
+    ]
+    assert torch_runs, f"no RUN installs {pin} from ${{TORCH_INDEX}}"
     project_runs = [
         i for i, args in enumerate(runs) if re.search(r"pip install\b.*\s\.(\s|$)", args)
     ]
@@ -438,6 +695,45 @@ def test_dockerfile_copies_existing_files(dockerfile: list[tuple[str, str]]) -> 
 
 
 # ---------------------------------------------------------------------------------------------
+# docker-compose.gpu.yml: the worker on a GPU
+
+
+@pytest.fixture(scope="module")
+def gpu_services() -> dict[str, dict[str, Any]]:
+    """The `services` of docker-compose.gpu.yml."""
+    data = yaml.safe_load(GPU_COMPOSE_FILE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict)
+    return data["services"]
+
+
+def test_gpu_file_changes_only_the_worker(
+    services: dict[str, dict[str, Any]], gpu_services: dict[str, dict[str, Any]]
+) -> None:
+    """The override touches the worker alone, under an image name of its own (were it
+    feedback-lm:latest, the api would run the CUDA image too), built from the same Dockerfile."""
+    assert set(gpu_services) == {"worker"}
+    worker = gpu_services["worker"]
+    assert set(worker) <= {"build", "image", "deploy"}, set(worker)
+    assert worker["image"] != services["api"]["image"]
+    build = worker["build"]
+    assert (ROOT / build["context"] / build.get("dockerfile", "Dockerfile")).resolve() == DOCKERFILE
+
+
+def test_gpu_worker_reserves_a_gpu(gpu_services: dict[str, dict[str, Any]]) -> None:
+    """The worker gets an NVIDIA GPU (compose's device reservation)."""
+    devices = gpu_services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
+
+
+def test_gpu_worker_installs_cuda_torch(gpu_services: dict[str, dict[str, Any]]) -> None:
+    """The GPU worker's TORCH_INDEX is PyPI's (its Linux torch wheel is the CUDA build), not a
+    CPU index."""
+    index = gpu_services["worker"]["build"]["args"]["TORCH_INDEX"]
+    assert index.rstrip("/") == "https://pypi.org/simple"
+    assert index != TORCH_CPU_INDEX
+
+
+# ---------------------------------------------------------------------------------------------
 # docker compose itself, where its CLI is installed
 
 
@@ -453,9 +749,12 @@ def _compose_cli() -> list[str] | None:
     return [standalone] if standalone is not None else None
 
 
-def _run_compose_config(cli: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _run_compose_config(
+    cli: list[str], env: dict[str, str], *files: Path
+) -> subprocess.CompletedProcess[str]:
+    chosen = [arg for file in (COMPOSE_FILE, *files) for arg in ("-f", str(file))]
     return subprocess.run(
-        [*cli, "--env-file", os.devnull, "-f", str(COMPOSE_FILE), "config", "--quiet"],
+        [*cli, "--env-file", os.devnull, *chosen, "config", "--quiet"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -466,7 +765,8 @@ def _run_compose_config(cli: list[str], env: dict[str, str]) -> subprocess.Compl
 
 
 def test_docker_compose_config_validates() -> None:
-    """`docker compose config` accepts the file, and refuses it without the secrets."""
+    """`docker compose config` accepts the file (alone and with the GPU override), and refuses
+    it without the secrets."""
     cli = _compose_cli()
     if cli is None:
         pytest.skip("neither the `docker compose` plugin nor `docker-compose` is installed")
@@ -475,5 +775,10 @@ def test_docker_compose_config_validates() -> None:
         cli, {**env, "POSTGRES_PASSWORD": "test-password", "ADMIN_API_KEY": "x" * 32}
     )
     assert complete.returncode == 0, complete.stderr
+    with_gpu = _run_compose_config(
+        cli, {**env, "POSTGRES_PASSWORD": "test-password", "ADMIN_API_KEY": "x" * 32},
+        GPU_COMPOSE_FILE,
+    )  # fmt: skip
+    assert with_gpu.returncode == 0, with_gpu.stderr
     missing = _run_compose_config(cli, env)
     assert missing.returncode != 0, "compose accepted the file without POSTGRES_PASSWORD"

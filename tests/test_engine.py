@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from app.ml.batching import CANDIDATES, _sample, prefill_groups
-from app.ml.engine import Engine, GenerationStream, SamplingParams
+from app.ml.engine import Engine, EngineLimits, GenerationStream, SamplingParams
 from app.ml.loading import load_model
 from app.ml.registry import ModelRegistry, ServingVersion
 
@@ -244,3 +244,43 @@ def test_arrivals_prefill_in_groups_of_similar_length() -> None:
     mixed = [arrival(40), arrival(41, seed=1), arrival(42), arrival(43, seed=2), arrival(44)]
     groups = prefill_groups(mixed)  # type: ignore[arg-type]
     assert [[s.prompt_tokens for s in g] for g in groups] == [[40], [41], [42], [43], [44]]
+
+
+def test_a_long_batch_always_steps_in_parts(
+    base: ServingVersion, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found with bench/abuse.py: a long batch stepped whole (0.9-2.0 s for a 2,315-token
+    prompt's chunk on 2 cores) whenever no short batch had a timed step yet, so a chat arriving
+    then, or one whose first step had not been timed, waited for all of it. Long batches are
+    stepped in parts from their first step on, whoever else is there."""
+    import app.ml.engine as engine_module
+    from app.ml.batching import Batch
+
+    monkeypatch.setattr(engine_module, "SHORT_REACH", 40)  # the tiny model's context is 512
+    steps: list[tuple[bool, float | None]] = []
+    real_step = Batch.step
+
+    def recorded(batch: Batch, *args: Any, **kwargs: Any) -> Any:
+        streams = [
+            *(row.stream for row in batch.rows), *(row.stream for row, _ in batch.pending),
+            *batch.deferred,
+        ]  # fmt: skip
+        part = kwargs.get("part_seconds", args[1] if len(args) > 1 else None)
+        steps.append((any(stream.reach > 40 for stream in streams), part))
+        return real_step(batch, *args, **kwargs)
+
+    monkeypatch.setattr(Batch, "step", recorded)
+    registry = ModelRegistry()
+    registry.activate(base)
+    engine = Engine(registry, limits=EngineLimits(max_batch=8, prefill_chunk=16))
+    engine.start()
+    try:
+        long = submit(engine, " ".join(["river"] * 60), max_new_tokens=8, temperature=0)
+        assert long.result(60).finish_reason == "length"
+        chat = submit(engine, "Hi", max_new_tokens=4, temperature=0)
+        late = submit(engine, " ".join(["stone"] * 60), max_new_tokens=8, temperature=0)
+        assert chat.result(60).text and late.result(60).finish_reason == "length"
+    finally:
+        engine.stop()
+    long_parts = [part for long, part in steps if long]
+    assert long_parts and all(part is not None and part > 0 for part in long_parts)

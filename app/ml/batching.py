@@ -353,7 +353,7 @@ class Batch:
 
     def _begin_chunk(self) -> list[tuple[Row, Completion]]:
         """In parts: the oldest long prompt's next chunk as a step (`_chunking`); its last
-        MIN_CHUNK tokens or fewer are computed at once, as it joins the rows."""
+        MIN_CHUNK tokens or fewer make the step in which it joins the rows."""
         done = self._drop_cancelled()
         if not self.pending:
             return done
@@ -361,10 +361,7 @@ class Batch:
         seeded = row.stream.params.seed is not None  # the same chunks as ever: see `_chunk`
         tokens = MIN_CHUNK if seeded else min(self.chunk, partial.left - MIN_CHUNK)
         if partial.left <= MIN_CHUNK or tokens <= 0:
-            logits = self._guarded(row, partial, lambda: self.decoder.advance(partial, MIN_CHUNK))
-            if logits is not None:
-                self._join(row, partial, logits)
-            return done
+            tokens = partial.left  # the last ones: it joins the rows once they are computed
         chunk = self._guarded(row, partial, lambda: self.decoder.start_chunk(partial, tokens))
         if chunk is not None:
             self._chunking = (row, partial, chunk)

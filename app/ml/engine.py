@@ -229,11 +229,19 @@ PREFILL_SHARE = 0.5
 """While requests are decoding, a step's chunk of a long prompt is sized to take about this
 share of the latest decode steps' time: their next tokens wait that much longer, no more."""
 
-LONG_SHARE = 1.0
+LONG_SHARE = 0.3
 """While short requests are decoding, the long requests' batches get, between two of their
 steps, a piece of their own work (a chunk of a prompt, or some layers of a decode step) taking
 about this many times as long as those steps took: the short requests' time between tokens
-grows by at most that much, and long requests still get about half of the time."""
+grows by about that share (more on 2 cores, where the long rows' memory traffic slows the short
+steps too), and long requests get about a quarter of the engine while chats decode, all of it
+otherwise. At 1.0 one key's maximal prompts doubled the others' time between tokens."""
+
+PART_SECONDS = 0.05
+"""The short requests' step time assumed before one was timed: long batches run in pieces of
+LONG_SHARE times the latest timed short step even while no short request decodes, so that one
+arriving waits for a piece, not for a whole step of theirs (over a second for a 256-token chunk
+of a long prompt on 2 cores), and a new short batch's first steps are not spent waiting."""
 
 HEAD_WAIT = 2.0
 """Seconds the oldest waiting request may be passed over by later ones that fit the KV-cache
@@ -503,6 +511,7 @@ class Engine:
     def _run(self, outbox: Outbox) -> None:
         # One batch per version (swaps never mix weights) and length (see SHORT_REACH).
         batches: dict[Lane, Batch] = {}
+        short_seconds = PART_SECONDS  # the latest timed step of the short batches together
         while not self._stopping.is_set():
             arrivals = self._admit(batches)
             if self._stopping.is_set():
@@ -529,11 +538,12 @@ class Engine:
             # Short requests (chats) step every time; long ones get a share of the time beside
             # them, in pieces (LONG_SHARE), so that they cannot stretch every chat's tokens.
             short = sum(b.decode_seconds for (_, long), b in batches.items() if not long)
+            short_seconds = short if short > 0 else short_seconds
             for (version, long), batch in list(batches.items()):
                 lane = (version, long)
                 waits = short if short > 0 else batch.decode_seconds  # who waits for a chunk
                 prefill_seconds = PREFILL_SHARE * waits if waits > 0 else None
-                part_seconds = LONG_SHARE * short if long and short > 0 else None
+                part_seconds = LONG_SHARE * short_seconds if long else None
                 try:
                     for row, completion in batch.step(prefill_seconds, part_seconds):
                         row.stream._finish(completion)

@@ -553,53 +553,39 @@ class KVCache:
         columns = max(col_cap, self._column_cap(all_reach)) if all_reach else col_cap
         return rows * columns * self.bytes_per_column
 
+    def _grown(self, rows: int, columns: int, reach: list[int]) -> tuple[int, int] | None:
+        """The buffers' size for `rows` rows and `columns` more columns (`reach`: the new rows'
+        reaches), or None where they already have room."""
+        row_cap, col_cap = self._capacity()
+        used = self.length - self.first
+        if rows <= row_cap and self.length + columns <= col_cap:
+            return None
+        cap = self._column_cap([*self.reach, *reach])
+        doubled = max(2 * col_cap if used + columns > col_cap else col_cap, 64)
+        return max(row_cap, _rows_for(rows)), max(used + columns, min(doubled, max(cap, col_cap)))
+
     def make_room(self, rows: int, columns: int, reach: list[int] | None = None) -> None:
         """Capacity for `rows` rows and `columns` more columns (`reach`: the new rows' reaches
         when rows are added); growing or compacting moves the used columns to the front (so
         `start` and `length` change)."""
-        row_cap, col_cap = self._capacity()
-        first = self.first
-        used = self.length - first
-        if rows <= row_cap and self.length + columns <= col_cap:
-            return
-        cap = self._column_cap([*self.reach, *(reach or [])])
-        new_rows = max(row_cap, _rows_for(rows))
-        doubled = max(2 * col_cap if used + columns > col_cap else col_cap, 64)
-        new_cols = max(used + columns, min(doubled, max(cap, col_cap)))
-        self._resize(new_rows, new_cols)
+        size = self._grown(rows, columns, reach or [])
+        if size is not None:
+            self._resize(*size)
 
     def _resize(self, new_rows: int, new_cols: int) -> None:
         """Buffers of this size holding the used columns at the front, one layer at a time (so
         a resize never holds two copies of the whole cache)."""
-        layers, kv_heads, head_dim = self.shape
-        first, n = self.first, self.rows
-        used = self.length - first
-        for buffers in (self.keys, self.values):
-            if not buffers:
-                buffers[:] = [torch.zeros(new_rows, kv_heads, new_cols, head_dim)]
-                buffers += [torch.zeros_like(buffers[0]) for _ in range(layers - 1)]
-                continue
-            for i, buffer in enumerate(buffers):
-                if buffer.shape[0] == new_rows and buffer.shape[2] == new_cols:
-                    buffer[:n, :, :used] = buffer[:n, :, first : self.length].clone()
-                    continue
-                grown = torch.zeros(new_rows, kv_heads, new_cols, head_dim)
-                grown[:n, :, :used] = buffer[:n, :, first : self.length]
-                buffers[i] = grown
-        self.start = self.start - first
-        self.length = used
+        Room(self, new_rows, new_cols, 0).make()
 
-    def shift(self, columns: int) -> None:
-        """Move every row's tokens `columns` to the right (room must have been made)."""
-        if columns <= 0:
-            return
-        first, n = self.first, self.rows
-        for buffer in (*self.keys, *self.values):
-            buffer[:n, :, first + columns : self.length + columns] = buffer[
-                :n, :, first : self.length
-            ].clone()
-        self.start = self.start + columns
-        self.length += columns
+    def room(self, rows: int, span: int, reach: list[int]) -> Room:
+        """Room for new rows (of these reaches) up to `rows` in all whose tokens span `span`
+        columns ending where the batch's rows end: the buffers grow, or the rows' tokens move
+        right, once `Room.make` (or each layer's `Room.layer`) has run."""
+        used = self.length - self.first
+        size = self._grown(rows, max(0, span - used), reach)
+        if size is None:
+            return Room(self, *self._capacity(), self.first + max(0, span - self.length))
+        return Room(self, *size, max(0, span - used))
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows, in this order; buffers shrink when the rest need much less."""
@@ -617,6 +603,50 @@ class KVCache:
         need_rows, need_cols = _rows_for(len(rows)), self._column_cap(self.reach)
         if row_cap > 2 * need_rows or col_cap > 2 * need_cols:
             self._resize(need_rows, max(need_cols, self.length - self.first))
+
+
+class Room:
+    """A cache's buffers at a new size, with its rows' used columns moved to start at column
+    `to`, made a layer at a time (`layer`, so that the copies can go between other work) or
+    whole (`make`). Until every layer is made, nothing else may read or change the cache."""
+
+    def __init__(self, cache: KVCache, rows: int, columns: int, to: int) -> None:
+        self.cache, self.size, self.to = cache, (rows, columns), to
+        self._from = (cache.first, cache.length)
+        self._made: set[int] = set()
+        self.length = to + cache.length - cache.first
+        """The cache's `length` once made: where its rows' tokens end."""
+
+    def layer(self, index: int) -> None:
+        """Make one layer's buffers (keys and values); once every layer is made, the cache's
+        `start` and `length` say where its rows are."""
+        cache, (first, length) = self.cache, self._from
+        if index in self._made:
+            return
+        n, used = cache.rows, length - first
+        layers, kv_heads, head_dim = cache.shape
+        if not cache.keys:
+            cache.keys, cache.values = [torch.empty(0)] * layers, [torch.empty(0)] * layers
+        for buffers in (cache.keys, cache.values):
+            buffer = buffers[index]
+            if tuple(buffer.shape[::2]) != self.size:
+                # Made during a forward pass too: a normal tensor, which later steps may change.
+                with torch.inference_mode(False):
+                    grown = torch.zeros(self.size[0], kv_heads, self.size[1], head_dim)
+                if n:
+                    grown[:n, :, self.to : self.to + used] = buffer[:n, :, first:length]
+                buffers[index] = grown
+            elif self.to != first:
+                buffer[:n, :, self.to : self.to + used] = buffer[:n, :, first:length].clone()
+        self._made.add(index)
+        if len(self._made) == layers:
+            cache.start = cache.start - first + self.to
+            cache.length = self.length
+
+    def make(self) -> None:
+        """Make every layer not made yet."""
+        for index in range(self.cache.shape[0]):
+            self.layer(index)
 
 
 class LayerStep:
@@ -655,6 +685,7 @@ class LlamaDecoder:
         )
         self.partials: list[Partial] = []
         """Long prompts being prefilled a chunk at a time, not rows yet."""
+        self._joining: tuple[Partial, Room] | None = None  # a prompt joining as a row, in parts
 
     @property
     def rows(self) -> int:
@@ -681,7 +712,9 @@ class LlamaDecoder:
         start it shares with a stored prompt."""
         layers, kv_heads, head_dim = self.cache.shape
         shape = (layers, kv_heads, len(prompt) - 1, head_dim)
-        partial = Partial(prompt, reach or self.cache.limit, torch.zeros(shape), torch.zeros(shape))
+        # Empty, not zeroed: a chunk reads only the columns it and the chunks before it wrote,
+        # and zeroing a long prompt's buffers at once (over 100 MB) stalled a step.
+        partial = Partial(prompt, reach or self.cache.limit, torch.empty(shape), torch.empty(shape))
         if reuse:
             entry, shared = self.weights.prefixes.longest(prompt.tolist())
             if entry is not None:
@@ -695,20 +728,17 @@ class LlamaDecoder:
         """Compute up to `tokens` more of a partial prompt. Once at most `tokens` are left,
         they are computed as the prompt joins the batch as a row: the logits of its last token
         are returned then, None before."""
-        if partial.left <= tokens:
-            self.partials.remove(partial)
-            known = Prefix(partial.prompt[: partial.done].tolist(), partial.keys, partial.values)
-            return self.prefill([partial.prompt], reach=[partial.reach], known=[known])
-        self.start_chunk(partial, tokens).run()
-        return None
+        return self.start_chunk(partial, min(tokens, partial.left)).run()
 
     def start_chunk(self, partial: Partial, tokens: int) -> LayerStep:
-        """The next `tokens` of a partial prompt (more are left after them) as a step to run a
-        few layers at a time; it gives no logits. Nothing else may advance this prompt until it
-        is done."""
+        """The next `tokens` of a partial prompt as a step to run a few layers at a time; it
+        gives logits only where these are the prompt's last tokens: then the prompt joins the
+        batch as a row once the step is done (`_start_join`). Nothing else may advance this
+        prompt, nor change this decoder's rows, until the step is done."""
+        if tokens >= partial.left:
+            return self._start_join(partial)
         weights, start = self.weights, partial.done
         end = start + tokens
-        assert end < len(partial.prompt), "its last tokens join the batch: advance()"
         # A query sees every key up to its own position: the stored ones and its chunk's.
         mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
 
@@ -731,8 +761,56 @@ class LlamaDecoder:
         )  # fmt: skip
         return LayerStep(layers, finish)
 
+    def _start_join(self, partial: Partial) -> LayerStep:
+        """A partial prompt's last tokens, computed as it joins the batch as a row: the row's
+        room is made, and the prompt's stored keys copied into it, a layer at a time with the
+        rest, so that a long prompt's joining (hundreds of MB of copies) can go in parts too."""
+        cache, weights, store = self.cache, self.weights, self.weights.prefixes
+        prompt, done, length, row = partial.prompt, partial.done, len(partial.prompt), cache.rows
+        room = cache.room(row + 1, length, [partial.reach])
+        self._joining = (partial, room)
+        start = room.length - length  # the prompt ends where the batch's rows do
+        mask = torch.arange(length)[None, :] <= torch.arange(done, length)[:, None]
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            room.layer(layer)
+            keys, values = cache.keys[layer], cache.values[layer]
+            keys[row, :, start : start + done] = partial.keys[layer, :, :done]
+            values[row, :, start : start + done] = partial.values[layer, :, :done]
+            keys[row, :, start + done : room.length] = k[0]
+            values[row, :, start + done : room.length] = v[0]
+            # Every token's but the last, for the prefix store (which never gives the last).
+            partial.keys[layer, :, done:] = k[0, :, :-1]
+            partial.values[layer, :, done:] = v[0, :, :-1]
+            return F.scaled_dot_product_attention(
+                q, keys[row : row + 1, :, start : room.length],
+                values[row : row + 1, :, start : room.length], attn_mask=mask,
+                scale=weights.scaling, enable_gqa=True,
+            )  # fmt: skip
+
+        def finish(hidden: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                logits = weights.logits(hidden[:, -1, :])
+            room.make()  # a no-op unless a layer was skipped
+            cache.start = torch.cat([cache.start, torch.tensor([start])])
+            cache.reach.append(partial.reach)
+            partial.done, self._joining = length, None
+            self.partials.remove(partial)
+            tokens = prompt[:-1].tolist()
+            if not store.covers(tokens):
+                store.add(tokens, partial.keys, partial.values)
+            return logits
+
+        layers = LayerPass(
+            weights, prompt[None, done:], torch.arange(done, length)[None, :], attend, prefill=True
+        )
+        return LayerStep(layers, finish)
+
     def drop(self, partial: Partial) -> None:
         """Stop prefilling a partial prompt (its request was cancelled, or it failed)."""
+        if self._joining is not None and self._joining[0] is partial:
+            self._joining[1].make()  # the rows must be whole again, without this one
+            self._joining = None
         if partial in self.partials:
             self.partials.remove(partial)
 
@@ -741,13 +819,11 @@ class LlamaDecoder:
         prompts: list[torch.Tensor],
         reuse: bool = True,
         reach: list[int] | None = None,
-        known: list[Prefix] | None = None,
     ) -> torch.Tensor:
         """Add one row per prompt (1-D token ids), prefilled together; logits of their last
         tokens. With `reuse`, the start a prompt shares with a recent one is taken from the
         prefix store; without, every prompt is computed whole (and still stored). `reach`: per
-        prompt, the most tokens its row will hold (prompt and answer; default the context).
-        `known`: per prompt, the keys and values of its start, already computed."""
+        prompt, the most tokens its row will hold (prompt and answer; default the context)."""
         cache, weights, store = self.cache, self.weights, self.weights.prefixes
         token_lists = [p.tolist() for p in prompts]
         if reuse and len(prompts) > 1:
@@ -758,10 +834,7 @@ class LlamaDecoder:
                 # Prompts arriving together that start alike (a system prompt not seen yet):
                 # that start is computed once, stored, and taken by each of them below.
                 LlamaDecoder(weights).prefill([torch.tensor(common)])
-        if known is not None:
-            found: list[tuple[Prefix | None, int]] = [(k, len(k.tokens)) for k in known]
-        else:
-            found = [store.longest(tokens) if reuse else (None, 0) for tokens in token_lists]
+        found = [store.longest(tokens) if reuse else (None, 0) for tokens in token_lists]
         reused = torch.tensor([n for _, n in found])
         lengths = torch.tensor([len(t) for t in token_lists])
         computed = lengths - reused
@@ -772,11 +845,7 @@ class LlamaDecoder:
         for i, prompt in enumerate(prompts):
             input_ids[i, int(pad[i]) :] = prompt[int(reused[i]) :]
         reach = reach or [cache.limit] * group
-        # Room for the longest prompt beside the used columns; making it may move them to the
-        # front, so how far the rows shift is known only afterwards.
-        cache.make_room(old + group, max(0, span - (cache.length - cache.first)), reach)
-        grow = max(0, span - cache.length)
-        cache.shift(grow)
+        cache.room(old + group, span, reach).make()
         end = cache.length  # the prompts end where the batch's rows do
         starts = end - lengths
         rows = range(old, old + group)

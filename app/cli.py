@@ -28,7 +28,7 @@ def _setup(settings: Settings) -> str | None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.sqlalchemy_url)
     if settings.model == DEFAULT_MODEL:
-        from app.ml.loading import prepare_default_model  # heavy import, only when needed
+        from app.engine.loading import prepare_default_model  # heavy import, only when needed
 
         path = prepare_default_model(settings.models_dir)
         click.echo(f"default model ready in {path}")
@@ -36,7 +36,7 @@ def _setup(settings: Settings) -> str | None:
     try:
         with make_sessionmaker(engine)() as session:
             return keys.ensure_bootstrap_admin(
-                session, settings.admin_api_key, settings.admin_key_file
+                session, configured=settings.admin_api_key, key_file=settings.admin_key_file
             )
     finally:
         engine.dispose()
@@ -195,7 +195,7 @@ def _session() -> Session:
 def keys_create(name: str, role: str) -> None:
     """Create a key and print its secret (shown once)."""
     with _session() as session:
-        row, plaintext = keys.create_key(session, name, Role(role))
+        row, plaintext = keys.create_key(session, name=name, role=Role(role))
     click.echo(f"created key {row.id} ({row.role.value}) {row.name!r}:")
     click.echo(plaintext)
 

@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     """`default` (SmolLM2-135M-Instruct, prepared from its PyPI wheel) or a causal LM directory."""
     model_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Serving dtype; `auto` is bfloat16 where the CPU has it natively, else float32."""
+    kv_cache_dtype: Literal["float32", "bfloat16"] = "float32"
+    """What the KV cache holds keys and values in on the Llama-family decode path. bfloat16
+    takes half the memory a token (twice the requests in KV_CACHE_BYTES) and speeds attention
+    over long prompts on a CPU with native bfloat16, but slows short chats' steps and changes
+    answers about as much as bfloat16 weights do (docs/serving.md)."""
     admin_api_key: str | None = None
     """The bootstrap admin key; unset means one is generated on first start and kept in data_dir."""
     max_prompt_chars: Annotated[int, Field(ge=1)] = 16_000
@@ -65,10 +70,16 @@ class Settings(BaseSettings):
     counts one against the ratings of that batch only (a failure outside any batch, no rating);
     at this many, no later round takes the rating, the run's reason says so, and an admin can
     restore it (`POST /v1/feedback/{id}/restore`)."""
+    training_max_seconds: Annotated[float, Field(gt=0)] = 3 * 3600
+    """Longest a round may run, from the moment its worker claimed it. Past it, its heartbeat
+    stops (a worker that hangs while alive then goes stale and is declared lost after
+    TRAINING_STALE_AFTER, so that the next round can start), and the round itself, if it is
+    still making progress, stops at its next check and publishes nothing."""
     training_visibility_timeout: Annotated[float, Field(gt=0)] = 6 * 3600
     """Seconds Redis keeps a task for the worker that took it before it hands it to another
-    (Celery's `visibility_timeout`); keep it above the longest round, or a second worker gets the
-    same round (it then exits: only the worker that claimed a queued round runs it)."""
+    (Celery's `visibility_timeout`); it must exceed TRAINING_MAX_SECONDS, the longest round, or a
+    second worker gets the same round (it then exits: only the worker that claimed a queued round
+    runs it)."""
     training_max_length: Annotated[int, Field(ge=16, le=32_768)] = 512
     """Prompt plus answer tokens a rating is trained and gated on (the one truncation rule,
     `TokenBudget.truncate`): no sequence the worker computes on is longer."""
@@ -181,6 +192,16 @@ class Settings(BaseSettings):
     def _prompt_leaves_room(cls, value: int, info: ValidationInfo) -> int:
         if value >= info.data.get("training_max_length", value + 1):
             raise ValueError("must be below TRAINING_MAX_LENGTH, to leave the answer room")
+        return value
+
+    @field_validator("training_visibility_timeout")
+    @classmethod
+    def _visibility_outlasts_a_round(cls, value: float, info: ValidationInfo) -> float:
+        if value <= info.data.get("training_max_seconds", 0):
+            raise ValueError(
+                "must exceed TRAINING_MAX_SECONDS, or Redis hands a running round to a second "
+                "worker"
+            )
         return value
 
     @field_validator("training_batch_tokens")

@@ -12,58 +12,73 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.ml.engine import Engine
+from app.engine.registry import ModelRegistry
+from app.engine.scheduler import Engine
 from app.models import ApiKey, Role
 from app.services import keys
-from app.services.ratelimit import RateLimits
-from app.services.serving import VersionFollower
+from app.services.hotswap import VersionFollower
+from app.services.queue import TaskQueue
 from app.services.stats import StatsCache
+from app.state import AppState, app_state
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
 
 
-def get_settings(request: Request) -> Settings:
+def get_state(request: Request) -> AppState:
+    """What the running app holds (app/state.py)."""
+    return app_state(request.app)
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_settings(state: StateDep) -> Settings:
     """The app's Settings."""
-    settings: Settings = request.app.state.settings
-    return settings
+    return state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
+def get_sessions(state: StateDep) -> sessionmaker[Session]:
+    """The session factory, for work that outlives the request's session (a streamed body)."""
+    return state.sessions
+
+
+def get_session(state: StateDep) -> Iterator[Session]:
     """A database session for one request."""
-    with request.app.state.sessionmaker() as session:
+    with state.sessions() as session:
         yield session
 
 
-def get_engine(request: Request) -> Engine:
+def get_engine(state: StateDep) -> Engine:
     """The generation engine."""
-    engine: Engine = request.app.state.engine
-    return engine
+    return state.engine
 
 
-def get_follower(request: Request) -> VersionFollower:
+def get_registry(state: StateDep) -> ModelRegistry:
+    """The model versions this process holds."""
+    return state.registry
+
+
+def get_follower(state: StateDep) -> VersionFollower:
     """What keeps this process on the active version, and loads others on request."""
-    follower: VersionFollower = request.app.state.follower
-    return follower
+    return state.follower
 
 
-def get_sessions(request: Request) -> sessionmaker[Session]:
-    """The session factory, for work that outlives the request's session (a streamed body)."""
-    sessions: sessionmaker[Session] = request.app.state.sessionmaker
-    return sessions
+def get_stats_cache(state: StateDep) -> StatsCache:
+    """This process's cache of statistics."""
+    return state.stats_cache
 
 
-def get_stats_cache(request: Request) -> StatsCache:
-    """This process's cache of statistics (made on first use)."""
-    cache: StatsCache | None = getattr(request.app.state, "stats_cache", None)
-    if cache is None:
-        cache = request.app.state.stats_cache = StatsCache()
-    return cache
+def get_queue(state: StateDep) -> TaskQueue:
+    """The task queue (made on first use: most requests never need the broker)."""
+    return state.queue
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
 StatsCacheDep = Annotated[StatsCache, Depends(get_stats_cache)]
 FollowerDep = Annotated[VersionFollower, Depends(get_follower)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+QueueDep = Annotated[TaskQueue, Depends(get_queue)]
 SessionDep = Annotated[Session, Depends(get_session)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
@@ -113,6 +128,7 @@ def generating(
     engine: EngineDep,
     settings: SettingsDep,
     follower: FollowerDep,
+    sessions: SessionsDep,
     request: Request,
 ) -> Generating:
     """The pieces a generation route needs, as one dependency."""
@@ -120,9 +136,7 @@ def generating(
     def disconnected() -> bool:
         return bool(anyio.from_thread.run(request.is_disconnected))
 
-    return Generating(
-        key, session, engine, settings, follower, request.app.state.sessionmaker, disconnected
-    )
+    return Generating(key, session, engine, settings, follower, sessions, disconnected)
 
 
 GeneratingDep = Annotated[Generating, Depends(generating)]
@@ -138,9 +152,8 @@ def admin_key(key: CurrentKey) -> ApiKey:
 AdminKey = Annotated[ApiKey, Depends(admin_key)]
 
 
-def _count(request: Request, kind: str, key: ApiKey) -> None:
-    limits: RateLimits = request.app.state.rate_limits
-    refusal = limits.hit(kind, key.key_hash)
+def _count(state: AppState, kind: str, key: ApiKey) -> None:
+    refusal = state.rate_limits.hit(kind, key.key_hash)
     if refusal is not None:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
@@ -149,21 +162,21 @@ def _count(request: Request, kind: str, key: ApiKey) -> None:
         )
 
 
-def generation_limit(key: CurrentKey, request: Request) -> None:
+def generation_limit(key: CurrentKey, state: StateDep) -> None:
     """Count a generation against the caller's rate limit; 429 with Retry-After beyond it."""
-    _count(request, "generation", key)
+    _count(state, "generation", key)
 
 
-def feedback_limit(key: CurrentKey, request: Request) -> None:
+def feedback_limit(key: CurrentKey, state: StateDep) -> None:
     """Count a rating or comparison against the caller's rate limit; 429 beyond it."""
-    _count(request, "feedback", key)
+    _count(state, "feedback", key)
 
 
-def read_limit(key: CurrentKey, request: Request) -> None:
+def read_limit(key: CurrentKey, state: StateDep, request: Request) -> None:
     """Count a read (any GET) against the caller's rate limit; 429 beyond it. Other methods
     pass: they count against their own limits."""
     if request.method == "GET":
-        _count(request, "read", key)
+        _count(state, "read", key)
 
 
 GenerationLimit = Depends(generation_limit)

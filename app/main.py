@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import anyio
 from fastapi import FastAPI, Request, status
@@ -16,21 +17,24 @@ from app.api import feedback, generation, health, keys, models, openai, stats, t
 from app.config import Settings, load_settings
 from app.db import make_engine, make_sessionmaker
 from app.deps import RATE_LIMITED, GenerationLimit, ReadLimit
+from app.engine.registry import ModelRegistry, NoModelLoaded
+from app.engine.requests import EngineStopped
+from app.engine.scheduler import Engine, EngineLimits
 from app.migrate import is_current
-from app.ml.engine import Engine, EngineLimits, EngineStopped
-from app.ml.registry import ModelRegistry, NoModelLoaded
 from app.services.errors import (
     Busy,
     ClientGone,
     Conflict,
+    Forbidden,
     InvalidInput,
     NotFound,
     ServiceError,
     Unavailable,
 )
+from app.services.hotswap import VersionFollower, load_base_version
 from app.services.keys import ensure_bootstrap_admin
 from app.services.ratelimit import RateLimits
-from app.services.serving import VersionFollower, load_base_version
+from app.state import AppState, install_state
 from app.web import pages
 from app.web.idempotency import IdempotencyMiddleware
 from app.web.limits import BodyLimit, JsonBodyCheck
@@ -57,9 +61,10 @@ def engine_limits(settings: Settings) -> EngineLimits:
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+async def lifespan(
+    app: FastAPI, *, settings: Settings, rate_limits: RateLimits
+) -> AsyncIterator[None]:
     """Open the database, check its schema, make sure an admin key exists and load the model."""
-    settings: Settings = app.state.settings
     db_engine = make_engine(settings.sqlalchemy_url)
     try:
         if not is_current(db_engine):
@@ -69,7 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sessions = make_sessionmaker(db_engine)
         with sessions() as session:
             new_key = ensure_bootstrap_admin(
-                session, settings.admin_api_key, settings.admin_key_file
+                session, configured=settings.admin_api_key, key_file=settings.admin_key_file
             )
         if new_key is not None:
             log.warning("created the admin API key (kept in %s)", settings.admin_key_file)
@@ -77,21 +82,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with sessions() as session:
             base = load_base_version(session, settings)
         registry.activate(base)
-        follower = VersionFollower(sessions, settings, registry, base)
+        follower = VersionFollower(sessions, settings=settings, registry=registry, base=base)
         follower.sync()  # a trained version may be the active one
         follower.start()
-        app.state.sessionmaker = sessions
-        app.state.registry = registry
         engine = Engine(registry, limits=engine_limits(settings))
         engine.start()
-        app.state.engine = engine
+        install_state(
+            app,
+            AppState(
+                settings=settings, sessions=sessions, registry=registry, engine=engine,
+                follower=follower, rate_limits=rate_limits,
+            ),
+        )  # fmt: skip
         # Sync routes run in AnyIO's thread pool (40 threads by default), and a generation holds
         # its thread until the answer is complete. At most max_waiting + max_batch of them can
         # be in the engine (beyond, 429), so this many more threads keep reads and ratings
         # answering while every generation slot is taken.
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = settings.max_waiting_requests + settings.max_batch_size + 40
-        app.state.follower = follower
         log.info("serving model version %s", registry.active.name)
         yield
         engine.stop()
@@ -116,6 +124,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, InvalidInput):
             detail = [{"loc": [exc.location, exc.field], "msg": exc.message, "type": "value_error"}]
             return _error(status.HTTP_422_UNPROCESSABLE_CONTENT, detail)
+        if isinstance(exc, Forbidden):
+            return _error(status.HTTP_403_FORBIDDEN, exc.message)
         if isinstance(exc, NotFound):
             return _error(status.HTTP_404_NOT_FOUND, exc.message)
         if isinstance(exc, Conflict):
@@ -150,6 +160,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the FastAPI app; settings default to the environment."""
     settings = settings or load_settings()
+    rate_limits = RateLimits.from_settings(settings)
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -157,9 +168,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="feedback-lm",
         summary="A language model service that improves from human feedback.",
         version="0.1.0",
-        lifespan=lifespan,
+        lifespan=partial(lifespan, settings=settings, rate_limits=rate_limits),
     )
-    app.state.settings = settings
     _install_error_handlers(app)
     app.include_router(health.router)
     for module in (generation, openai, feedback, models, training, keys, stats):
@@ -169,7 +179,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         else:  # every GET under /v1 counts against RATE_LIMIT_READ
             app.include_router(module.router, dependencies=[ReadLimit])
-    app.state.rate_limits = RateLimits.from_settings(settings)
     app.add_middleware(IdempotencyMiddleware)
     # Outside it: a malformed or too deeply nested JSON body is a 422 before it is parsed again.
     app.add_middleware(JsonBodyCheck)

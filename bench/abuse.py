@@ -7,7 +7,8 @@ max_tokens 1024, keeping --abuser-concurrency requests open (the engine's cap pe
 beyond its own) from a process of its own, so that its client work does not delay the reading
 of the others' tokens. Prints, for both phases, the others' TBT and TTFT percentiles, the abuser's
 answers by status, and the API process's resident memory (current and peak); fails if any
-answer was a 5xx.
+answer was a 5xx, if the others' TBT p99 grew past --max-ratio (2x, issue 14's bound), or if the
+API's peak memory went past its idle peak plus KV_CACHE_BYTES (the default, 2 GiB).
 
 Round (`--phase round`): starts the whole `make run` stack (`python -m app.cli run`: API, Celery
 worker with the solo pool, beat, on SQLite and the embedded broker) on the real default model
@@ -73,7 +74,11 @@ from common import (  # bench/, beside this script
 
 sys.path.insert(0, str(ROOT))
 
+from app.config import Settings
 from app.migrate import upgrade
+
+KV_CACHE_BYTES: int = Settings.model_fields["kv_cache_bytes"].default
+"""The API's KV budget in the serving half: the default."""
 
 ADMIN = "bench-admin-key-0123456789"
 WORDS = [
@@ -233,7 +238,8 @@ def abused_phase(base: str, keys: list[str], abuser: str, args: argparse.Namespa
 
 
 def serve_phase(args: argparse.Namespace) -> bool:
-    """One key abusing, 8 chatting: print the figures; True unless a 5xx or no answer."""
+    """One key abusing, 8 chatting: print the figures; True unless a 5xx or no answer, the
+    others' TBT p99 grew past --max-ratio, or the API's memory past its budget."""
     model_dir = prepared_model(args.model)
     data_dir = Path(tempfile.mkdtemp(prefix="flm-abuse-"))
     database_url = f"sqlite:///{data_dir / 'abuse.db'}"
@@ -241,7 +247,8 @@ def serve_phase(args: argparse.Namespace) -> bool:
     env = {**os.environ, "DATA_DIR": str(data_dir), "DATABASE_URL": database_url,
            "REDIS_URL": "", "MODEL": str(model_dir), "ADMIN_API_KEY": ADMIN,
            "LOG_LEVEL": "WARNING", "RATE_LIMIT_GENERATION": args.rate_limit,
-           "MAX_PROMPT_CHARS": str(args.max_chars)}  # fmt: skip
+           "MAX_PROMPT_CHARS": str(args.max_chars),
+           "KV_CACHE_BYTES": str(KV_CACHE_BYTES)}  # fmt: skip
     base = f"http://127.0.0.1:{args.port}"
     server = start_api(env, args.port)
     try:
@@ -280,7 +287,14 @@ def serve_phase(args: argparse.Namespace) -> bool:
         for counts in (idle.statuses, abused.statuses, abused.abuser)
     )
     print(f"5xx or no answer: {server_errors}")
-    return not server_errors
+    # The process may grow by its KV budget beyond what it held serving the chats alone.
+    bound = idle_memory[1] + KV_CACHE_BYTES / 2**30
+    print(f"API peak {abused_memory[1]:.2f} GiB against {bound:.2f} (idle peak + KV_CACHE_BYTES)")
+    if ratio > args.max_ratio:
+        print(f"FAIL: the others' TBT p99 grew {ratio:.2f}x, over {args.max_ratio}x")
+    if abused_memory[1] > bound:
+        print("FAIL: the API's resident memory went past its budget")
+    return not server_errors and ratio <= args.max_ratio and abused_memory[1] <= bound
 
 
 # The round half.
@@ -393,8 +407,7 @@ def round_phase(args: argparse.Namespace) -> bool:
     True if the round finished (published or rejected) with the stack within the target."""
     from transformers import AutoTokenizer  # heavy: only for this half
 
-    from app.config import Settings
-    from app.ml.training_config import TokenBudget, TrainConfig
+    from app.training_config import TokenBudget, TrainConfig
 
     model_dir = prepared_model(args.model)
     data_dir = Path(tempfile.mkdtemp(prefix="flm-abuse-round-"))
@@ -630,6 +643,9 @@ def main() -> None:
         help="RATE_LIMIT_GENERATION for every key (the default's; none: the abuser floods)",
     )  # fmt: skip
     serve.add_argument("--max-chars", type=int, default=16_000, help="MAX_PROMPT_CHARS")
+    serve.add_argument(
+        "--max-ratio", type=float, default=2.0, help="most abused / idle TBT p99 (issue 14)"
+    )
     serve.add_argument("--port", type=int, default=8712)
     round_ = parser.add_argument_group("round")
     round_.add_argument("--ratings", type=int, default=20, help="maximal QA ratings")

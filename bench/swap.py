@@ -31,8 +31,8 @@ from common import DEFAULT_MODEL, ROOT, prepared_model, wait_ready  # bench/, be
 sys.path.insert(0, str(ROOT))
 
 from app.db import make_engine, make_sessionmaker
+from app.engine.checkpoints import write_checkpoint
 from app.migrate import upgrade
-from app.ml.checkpoints import write_checkpoint
 from app.models import ModelVersion, VersionKind, VersionStatus
 from app.services.versions import next_name
 
@@ -45,7 +45,7 @@ def make_adapters(model_dir: Path):  # type: ignore[no-untyped-def]
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from app.ml.training_config import TrainConfig
+    from app.training_config import TrainConfig
 
     train = TrainConfig()
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -111,7 +111,7 @@ def sequential_generate(model_dir: Path, tokens: int, count: int) -> float:
     """Plain `model.generate`, fp32, one request at a time: tokens per second."""
     import torch
 
-    from app.ml.loading import load_model
+    from app.engine.loading import load_model
 
     model, tokenizer = load_model(model_dir, torch.float32)
     total, started = 0, time.perf_counter()
@@ -215,7 +215,7 @@ def main() -> None:
         server.wait(timeout=60)
 
     if args.llama_cpp:
-        from app.ml.loading import fetch_default_gguf
+        from app.engine.loading import fetch_default_gguf
 
         gguf = fetch_default_gguf(ROOT / ".cache" / "gguf")
         llama = llama_cpp_server(gguf, 8791)  # installs the environment on first use

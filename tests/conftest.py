@@ -52,6 +52,22 @@ class IsolatedSettings(Settings):
         return (init_settings,)
 
 
+PROCESS_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "PYTHONPATH")
+"""What a process the suite starts keeps of the caller's environment: what Python and its
+libraries need to run, nothing that configures the service."""
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """The whole environment of a process the suite starts (a worker, beat): every setting, from
+    `settings` (a setting the caller's shell or a `.env` holds cannot reach it: the environment
+    wins over `.env`), and of the caller's environment only PROCESS_ENVIRONMENT."""
+    env = {name: os.environ[name] for name in PROCESS_ENVIRONMENT if name in os.environ}
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        env[name.upper()] = "" if value is None else str(value)  # "": unset, as the app reads it
+    return env
+
+
 def stop_process(process: subprocess.Popen[bytes]) -> None:
     """Stop a server or worker the test started: SIGTERM, then SIGKILL after 30 s."""
     if process.poll() is None:
@@ -68,7 +84,7 @@ def real_tokenizer_dir() -> Path:
     """The default model's tokenizer (and chat template), extracted from its GGUF once."""
     target = CACHE / "tokenizer"
     if not (target / "tokenizer_config.json").is_file():
-        from app.ml.loading import fetch_default_gguf, tokenizer_from_gguf
+        from app.engine.loading import fetch_default_gguf, tokenizer_from_gguf
 
         tokenizer = tokenizer_from_gguf(fetch_default_gguf(CACHE / "gguf"))
         partial = target.with_name("tokenizer.partial")
@@ -261,7 +277,7 @@ def assert_versions_whole(sessions: Any, versions_dir: Path) -> None:
     """No half-written version: at most one active, every adapter row's directory complete (its
     files match its manifest), and no directory under `versions_dir` that no row names, partial
     (`.tmp-*`) or renamed."""
-    from app.ml.checkpoints import verify_checkpoint
+    from app.engine.checkpoints import verify_checkpoint
 
     with sessions() as session:
         rows = list(session.scalars(select(ModelVersion)))

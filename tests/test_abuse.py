@@ -22,7 +22,7 @@ from app.main import create_app
 from app.models import ApiKey, Feedback, Generation, IdempotencyRecord
 from app.services.idempotency import Caller, IdempotencyStore, Verdict, fingerprint
 from app.services.ratelimit import RateLimits
-from tests.conftest import REDIS_TEST_URL
+from tests.conftest import REDIS_TEST_URL, IsolatedSettings
 
 Sessions = sessionmaker[Session]
 Headers = dict[str, str]
@@ -173,7 +173,7 @@ def test_a_malformed_limit_stops_the_process_with_one_line(
 @pytest.mark.parametrize("value", ["", "none", "None"])
 def test_a_limit_can_be_turned_off(value: str) -> None:
     """Empty or `none` means no limit."""
-    assert Settings(_env_file=None, rate_limit_generation=value).rate_limit_generation is None  # type: ignore[call-arg]
+    assert IsolatedSettings(rate_limit_generation=value).rate_limit_generation is None
 
 
 # Body size
@@ -320,7 +320,8 @@ def test_a_request_still_in_flight_gets_409(
     body = json.dumps(PROMPT).encode()
     token = admin["Authorization"].removeprefix("Bearer ")
     store = IdempotencyStore(sessions)
-    claim = store.begin(Caller.of(token), "slow", fingerprint("POST", "/v1/generate", b"", body))
+    request = fingerprint("POST", path="/v1/generate", query=b"", body=body)
+    claim = store.begin(Caller.of(token), key="slow", request_fingerprint=request)
     assert claim.verdict is Verdict.claimed
     headers = {**admin, "Idempotency-Key": "slow", "Content-Type": "application/json"}
     response = client.post("/v1/generate", content=body, headers=headers)

@@ -16,19 +16,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from app.config import Settings
+from app.engine.chat import chat_prompt
+from app.engine.decoders import decoder_for
+from app.engine.loading import load_model
+from app.engine.registry import ModelRegistry, ServingVersion
+from app.engine.requests import GenerationStream, OwnerBusy, PromptTooLong, SamplingParams
+from app.engine.scheduler import Engine, EngineLimits
 from app.main import create_app
-from app.ml.decoders import decoder_for
-from app.ml.engine import (
-    Engine,
-    EngineLimits,
-    GenerationStream,
-    OwnerBusy,
-    PromptTooLong,
-    SamplingParams,
-)
-from app.ml.loading import load_model
-from app.ml.registry import ModelRegistry, ServingVersion
-from app.models import Generation
+from app.models import Generation, Task
+from app.services import generations
+from app.services.errors import Busy
+from app.state import app_state
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +45,9 @@ def submit(
     engine: Engine, text: str, owner: int | None = None, **params: object
 ) -> GenerationStream:
     sampling = SamplingParams(**params)  # type: ignore[arg-type]
-    render = lambda version: engine.chat_prompt(text, version)  # noqa: E731
-    return engine.submit(render, sampling, owner=owner)[0]
+    with engine.lease() as lease:
+        prompt = chat_prompt(lease.version.tokenizer, text)
+        return engine.submit(lease, prompt, sampling, owner=owner)
 
 
 @contextmanager
@@ -119,7 +118,9 @@ def test_requests_wait_for_room_in_the_kv_budget_and_all_finish(base: ServingVer
     assert free.kv_allocated_peak > budget  # the same requests, unbudgeted, take more
 
 
-def test_a_key_may_have_only_so_many_requests_in_flight(base: ServingVersion) -> None:
+def test_a_key_may_have_only_so_many_requests_in_flight(
+    base: ServingVersion, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Beyond MAX_REQUESTS_PER_KEY a key gets OwnerBusy (a 429) at once; other keys do not,
     and a finished request frees its place."""
     engine = engine_with(base, max_per_owner=2)
@@ -132,9 +133,16 @@ def test_a_key_may_have_only_so_many_requests_in_flight(base: ServingVersion) ->
     # Refused before its prompt is rendered or tokenized (found by bench/abuse.py: a key
     # retrying at once took a third of a core tokenizing prompts that were then refused).
     rendered: list[int] = []
-    with pytest.raises(OwnerBusy):
-        engine.submit(lambda v: str(rendered.append(1)), SamplingParams(), owner=1)
-    assert rendered == []
+    monkeypatch.setattr(generations, "chat_prompt", lambda *_: str(rendered.append(1)))
+    leased = engine.registry.lease
+    monkeypatch.setattr(engine.registry, "lease", lambda: rendered.append(2) or leased())
+    with pytest.raises(Busy, match="MAX_REQUESTS_PER_KEY"):
+        generations.queue_generation(
+            engine, task=Task.generate, data={"prompt": "Hi"}, params=SamplingParams(),
+            max_chars=100, owner=1,
+        )  # fmt: skip
+    assert rendered == []  # neither leased nor rendered
+    monkeypatch.undo()
     submit(engine, "Hi", owner=2, max_new_tokens=2)
     engine.start()
     first.result(60)
@@ -152,7 +160,7 @@ def test_a_key_may_have_only_so_many_requests_in_flight(base: ServingVersion) ->
 def test_a_key_over_its_cap_gets_429(settings: Settings, admin: dict[str, str]) -> None:
     """Through the API: the cap answers 429 with a message that names the setting."""
     with TestClient(create_app(settings.model_copy(update={"max_requests_per_key": 1}))) as client:
-        engine: Engine = client.app.state.engine  # type: ignore[attr-defined]
+        engine = app_state(client.app).engine
         key_id = 1  # the bootstrap admin
         with slowed(engine):
             held = submit(engine, "Hold the place.", owner=key_id, max_new_tokens=400)
@@ -188,7 +196,7 @@ def test_a_non_streamed_request_is_cancelled_when_its_client_goes_away(
             assert time.monotonic() < deadline
             time.sleep(0.05)
         url = f"http://127.0.0.1:{port}/v1/generate"
-        stack.enter_context(slowed(app.state.engine))
+        stack.enter_context(slowed(app_state(app).engine))
         body = {"prompt": "Tell me a long story.", "max_new_tokens": 450, "temperature": 0}
         holder = threading.Thread(
             target=lambda: httpx.post(url, json=body, headers=admin, timeout=120)
@@ -233,7 +241,7 @@ def test_running_requests_keep_decoding_while_a_long_prompt_is_prefilled(
 ) -> None:
     """A long prompt is prefilled a chunk between decode steps: the running row gets a token
     at every step meanwhile, instead of waiting for the whole prompt."""
-    from app.ml.batching import Batch
+    from app.engine.batch import Batch
 
     def stream(text: str, max_new_tokens: int, seed: int | None = None) -> GenerationStream:
         prompt = base.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
@@ -320,7 +328,7 @@ def test_a_long_batch_steps_a_few_layers_at_a_time_and_answers_as_it_would_whole
     """Beside short requests, a long batch's decode step runs in parts (here one layer each),
     chunks and decode steps taking turns; a request arriving mid-step joins after it. The
     answers are those of the same batch stepped whole."""
-    from app.ml.batching import Batch
+    from app.engine.batch import Batch
 
     layers = len(base.llama.layers) if base.llama is not None else 0
     assert layers >= 2
@@ -365,8 +373,8 @@ def test_prompts_arriving_together_are_prefilled_about_a_chunk_a_step_while_rows
     """Many short prompts arriving at once were prefilled in one pass, however many tokens
     they made together, while every running row waited for it; now a step admits about one
     chunk's tokens of them (always at least one), and all of them when nothing is running."""
-    from app.ml.batching import Batch
-    from app.ml.engine import lane_of
+    from app.engine.batch import Batch
+    from app.engine.scheduler import lane_of
 
     engine = engine_with(base, prefill_chunk=64)
     streams = [

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.config import Settings
+from tests.conftest import IsolatedSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_embedded(tmp_path: Path) -> None:
     """Without settings: SQLite in the data directory, no Redis, the bundled model."""
-    settings = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
+    settings = IsolatedSettings(data_dir=tmp_path)
     assert settings.sqlalchemy_url == f"sqlite:///{tmp_path.resolve() / 'feedback.db'}"
     assert settings.redis_url is None
     assert settings.model == "default"
@@ -39,13 +39,13 @@ def test_defaults_are_embedded(tmp_path: Path) -> None:
 def test_bad_values_are_refused(field: str, value: str) -> None:
     """Each bad value is refused and the error names the setting."""
     with pytest.raises(ValidationError) as caught:
-        Settings(_env_file=None, **{field: value})  # type: ignore[call-arg]
+        IsolatedSettings(**{field: value})  # type: ignore[arg-type]
     assert caught.value.errors()[0]["loc"][0] == field
 
 
 def test_empty_values_mean_unset() -> None:
     """`REDIS_URL=` in a .env file means no Redis, not an invalid URL."""
-    assert Settings(_env_file=None, redis_url="", database_url="").redis_url is None  # type: ignore[call-arg]
+    assert IsolatedSettings(redis_url="", database_url="").redis_url is None
 
 
 @pytest.mark.parametrize(
@@ -71,3 +71,16 @@ def test_cli_stops_with_one_line_naming_the_setting(
     if secret:
         assert secret not in result.stderr
     assert not (tmp_path / "feedback.db").exists()
+
+
+def test_the_visibility_timeout_must_exceed_the_longest_round() -> None:
+    """Redis must not hand a round to a second worker while it may still run: a visibility
+    timeout at or below TRAINING_MAX_SECONDS is refused, naming both; the defaults leave room."""
+    with pytest.raises(ValidationError) as caught:
+        IsolatedSettings(training_max_seconds=7200, training_visibility_timeout=7200)
+    error = caught.value.errors()[0]
+    assert error["loc"][0] == "training_visibility_timeout"
+    assert "TRAINING_MAX_SECONDS" in error["msg"]
+    defaults = IsolatedSettings()
+    assert 0 < defaults.training_max_seconds <= defaults.training_visibility_timeout / 2
+    assert IsolatedSettings(training_max_seconds=1, training_visibility_timeout=2)

@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 
 from app.config import Settings
 from app.main import create_app
-from app.ml.training_config import TokenBudget
 from app.models import Feedback
+from app.training_config import TokenBudget
 
 
 def text_of(tokenizer: object, tokens: int) -> str:

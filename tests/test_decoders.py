@@ -16,10 +16,13 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from app.ml.decoders import Decoder, TransformersDecoder
-from app.ml.llama import ROOM, KVCache, LlamaDecoder, LlamaWeights, PrefixStore
-from app.ml.loading import load_model
-from app.ml.lora import LoraWeights
+from app.engine.decoders import Decoder, TransformersDecoder
+from app.engine.llama.decoder import LlamaDecoder
+from app.engine.llama.kv_cache import ROOM, KVCache
+from app.engine.llama.prefixes import PrefixStore
+from app.engine.llama.weights import LlamaWeights
+from app.engine.loading import load_model
+from app.engine.lora import LoraWeights
 
 SHAPE = dict(
     vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -196,11 +199,11 @@ def test_the_cache_shrinks_when_the_rows_that_needed_it_leave() -> None:
 
 
 def test_llama_family_versions_take_their_own_path_and_others_transformers() -> None:
-    """Llama and Qwen2 decode on `app/ml/llama.py`; any other causal LM on its own forward."""
+    """Llama and Qwen2 decode on `app/engine/llama/`; any other causal LM on its own forward."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from app.ml.decoders import decoder_for
-    from app.ml.registry import ServingVersion
+    from app.engine.decoders import decoder_for
+    from app.engine.registry import ServingVersion
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4)).eval()
     for model, path in (
@@ -494,3 +497,58 @@ def test_a_long_prompt_s_last_chunk_joins_the_rows_a_layer_at_a_time() -> None:
         assert torch.allclose(first, expected(model, running), atol=1e-4, rtol=1e-4)
         assert torch.allclose(second, expected(model, long), atol=1e-4, rtol=1e-4)
         decoder.keep([0])
+
+
+def test_a_bfloat16_kv_cache_takes_half_the_bytes_and_follows_the_float32_one() -> None:
+    """KV_CACHE_DTYPE=bfloat16: every way a row gets its keys (prefill, a stored prefix, chunks,
+    decode steps) stores them in bfloat16, at half the bytes a token, and the logits stay
+    within bfloat16's rounding of the float32 cache's."""
+    model = llama()
+    decoders = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        weights = LlamaWeights.of(model, kv_dtype=dtype)
+        assert weights is not None
+        decoders[dtype] = LlamaDecoder(weights)
+    full, half = decoders[torch.float32], decoders[torch.bfloat16]
+    assert half.cache.bytes_per_column * 2 == full.cache.bytes_per_column
+    generator = torch.Generator().manual_seed(21)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, SHAPE["vocab_size"], (n,), generator=generator).tolist()
+
+    shared, running = tokens(40), tokens(12)
+    long = shared + tokens(50)
+
+    def run(decoder: LlamaDecoder) -> list[torch.Tensor]:
+        out = [decoder.prefill([torch.tensor(running), torch.tensor(shared + tokens(3))])]
+        partial = decoder.begin(torch.tensor(long), reach=len(long) + 10)
+        while (logits := decoder.advance(partial, 16)) is None:
+            out.append(decoder.decode([7, 8]))
+        out += [logits, decoder.decode([9, 10, 11])]
+        return out
+
+    state = generator.get_state()
+    expected_logits = run(full)
+    generator.set_state(state)
+    got = run(half)
+    assert all(buffer.dtype == torch.bfloat16 for buffer in half.cache.keys)
+    assert len(got) == len(expected_logits)
+    for mine, theirs in zip(got, expected_logits, strict=True):
+        scale = float(theirs.abs().max())
+        assert float((mine - theirs).abs().max()) <= 0.005 * scale  # seen: up to 0.0004
+        assert torch.equal(mine.argmax(-1), theirs.argmax(-1))
+
+
+def test_the_kv_cache_dtype_is_the_base_version_s_and_its_adapters(tiny_model_dir: Path) -> None:
+    """KV_CACHE_DTYPE reaches the decode path of the base, and of a trained version built on it
+    (it decodes on the base's weights)."""
+    from app.engine.versions import build_base_version
+
+    base = build_base_version(1, "v0", tiny_model_dir, "float32", "bfloat16")
+    assert base.kv_dtype == torch.bfloat16
+    assert base.llama is not None and base.llama.kv_dtype == torch.bfloat16
+    adapted = base.llama.adapted(random_lora(base.model))
+    assert adapted is not None and adapted.kv_dtype == torch.bfloat16
+    assert LlamaDecoder(adapted).cache.dtype == torch.bfloat16
+    default = build_base_version(1, "v0", tiny_model_dir, "float32")
+    assert default.llama is not None and default.llama.kv_dtype == torch.float32

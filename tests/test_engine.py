@@ -13,10 +13,13 @@ from typing import Any
 import pytest
 import torch
 
-from app.ml.batching import CANDIDATES, _sample, prefill_groups
-from app.ml.engine import Engine, EngineLimits, GenerationStream, SamplingParams
-from app.ml.loading import load_model
-from app.ml.registry import ModelRegistry, ServingVersion
+from app.engine.batch import prefill_groups
+from app.engine.chat import chat_prompt
+from app.engine.loading import load_model
+from app.engine.registry import ModelRegistry, ServingVersion
+from app.engine.requests import GenerationStream, SamplingParams
+from app.engine.sampling import CANDIDATES, _sample
+from app.engine.scheduler import Engine, EngineLimits
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,8 @@ def engine(base: ServingVersion) -> Iterator[Engine]:
 
 def submit(engine: Engine, text: str, **params: object) -> GenerationStream:
     sampling = SamplingParams(**params)  # type: ignore[arg-type]
-    return engine.submit(lambda version: engine.chat_prompt(text, version), sampling)[0]
+    with engine.lease() as lease:
+        return engine.submit(lease, chat_prompt(lease.version.tokenizer, text), sampling)
 
 
 def test_a_short_request_joins_and_leaves_while_a_long_one_runs(engine: Engine) -> None:
@@ -122,7 +126,7 @@ def test_two_versions_decode_side_by_side_through_a_swap(
     assert finished.version.name == "v0" and finished.completion_tokens == 300
     # Each ran in its own batch on its own weights: the same answer as on that version alone.
     alone = engine.generate(
-        engine.chat_prompt("Keep talking.", base),
+        chat_prompt(base.tokenizer, "Keep talking."),
         SamplingParams(max_new_tokens=300, temperature=0),
         version=base,
     )
@@ -131,7 +135,7 @@ def test_two_versions_decode_side_by_side_through_a_swap(
 
 def test_a_full_queue_refuses_at_once(base: ServingVersion) -> None:
     """Beyond max_waiting the engine raises instead of queueing without bound."""
-    from app.ml.engine import EngineBusy
+    from app.engine.requests import EngineBusy
 
     registry = ModelRegistry()
     registry.activate(base)
@@ -253,8 +257,8 @@ def test_a_long_batch_always_steps_in_parts(
     prompt's chunk on 2 cores) whenever no short batch had a timed step yet, so a chat arriving
     then, or one whose first step had not been timed, waited for all of it. Long batches are
     stepped in parts from their first step on, whoever else is there."""
-    import app.ml.engine as engine_module
-    from app.ml.batching import Batch
+    import app.engine.scheduler as engine_module
+    from app.engine.batch import Batch
 
     monkeypatch.setattr(engine_module, "SHORT_REACH", 40)  # the tiny model's context is 512
     steps: list[tuple[bool, float | None]] = []
@@ -284,3 +288,39 @@ def test_a_long_batch_always_steps_in_parts(
         engine.stop()
     long_parts = [part for long, part in steps if long]
     assert long_parts and all(part is not None and part > 0 for part in long_parts)
+
+
+def test_a_failure_of_the_generation_loop_ends_its_requests_and_the_loop_goes_on(
+    base: ServingVersion, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: an exception outside a step's own handling (here in admission, with a
+    request decoding and another just taken) ended the generation thread, and every request it
+    held waited forever (a stream hung until its client gave up). They now fail with
+    EngineStopped (a 503 to clients) and the loop starts again for the next requests."""
+    from app.engine.batch import Batch
+    from app.engine.requests import EngineStopped
+
+    registry = ModelRegistry()
+    registry.activate(base)
+    engine = Engine(registry, max_batch=8)
+    real_footprint = Batch.footprint
+    broken = threading.Event()
+
+    def footprint(batch: Batch, *args: Any, **kwargs: Any) -> int:
+        if broken.is_set():
+            broken.clear()
+            raise RuntimeError("a bug in admission")
+        return real_footprint(batch, *args, **kwargs)
+
+    monkeypatch.setattr(Batch, "footprint", footprint)
+    engine.start()
+    try:
+        running = submit(engine, "Tell me a story.", max_new_tokens=200, temperature=0)
+        next(iter(running))  # decoding
+        broken.set()
+        with pytest.raises(EngineStopped):
+            running.result(30)
+        after = submit(engine, "Hello", max_new_tokens=4, temperature=0)
+        assert after.result(30).finish_reason in ("length", "stop")
+    finally:
+        engine.stop()

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.migrate import upgrade
 from app.models import Comparison, Feedback, Generation, ModelVersion, RunStatus, TrainingRun
+from app.state import app_state
 from tests.conftest import (
     ADMIN_KEY,
     api_ready,
@@ -825,7 +826,7 @@ class TestDiskFull(OnSharedPostgres):
         directory and no rating used; the active version keeps serving; once space is freed
         the next round publishes a whole version."""
         client.headers.update(ADMIN)
-        follower = client.app.state.follower  # type: ignore[attr-defined]
+        follower = app_state(client.app).follower
         body = {"prompt": "Hi", "max_new_tokens": 2}
         rated = _rate_corrected(client, 8)
         first = queue_round(sessions, {"train": FAST, "gate": QUICK_GATE})

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app.ml.training_config import GateConfig, TokenBudget
+from app.training_config import GateConfig, TokenBudget
 from worker.training.gate import (
     completion_logprobs,
     evaluate,

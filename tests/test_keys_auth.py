@@ -277,8 +277,8 @@ def test_the_last_admin_key_cannot_be_revoked(
 def test_two_admins_revoking_each_other_at_once_leave_one(sessions: Sessions) -> None:
     """When the only two admins revoke each other at the same moment, one of them stays active."""
     with sessions() as session:
-        first = keys.create_key(session, "admin a", Role.admin)[0].id
-        second = keys.create_key(session, "admin b", Role.admin)[0].id
+        first = keys.create_key(session, name="admin a", role=Role.admin)[0].id
+        second = keys.create_key(session, name="admin b", role=Role.admin)[0].id
     outcomes: dict[int, str] = {}
     paused = threading.Event()
 

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from app.db import Base, make_engine, make_sessionmaker
 from app.migrate import alembic_config, is_current, upgrade
 from app.models import Winner
-from tests.conftest import PG_ADMIN_URL, reset_database
+from tests.conftest import PG_ADMIN_URL, IsolatedSettings, reset_database
 from tests.test_poisoning import Ratings
 
 
@@ -54,11 +54,10 @@ def test_app_refuses_an_unmigrated_database(
     """Starting on an empty database fails with a message that says how to migrate."""
     from fastapi.testclient import TestClient
 
-    from app.config import Settings
     from app.main import StartupError, create_app
 
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+    # Not the caller's DATABASE_URL (a migrated one would start): the empty one in data_dir.
+    settings = IsolatedSettings(
         data_dir=tmp_path,
         model=str(tiny_model_dir),
         admin_api_key="an-admin-key-for-tests",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from app.config import Settings
 from app.db import make_engine, make_sessionmaker
 from app.schemas.feedback import ComparisonCreate, FeedbackCreate
 from app.schemas.generation import GenerateRequest
+from app.state import app_state, install_state
 from tests.test_keys_auth import KNOWN_V1_ROUTES, v1_routes
 
 Headers = dict[str, str]
@@ -24,14 +26,13 @@ UNREACHABLE_DB = "postgresql+psycopg://postgres@127.0.0.1:1/none"
 @contextmanager
 def unreachable_database(client: TestClient) -> Iterator[None]:
     """The running app's database becomes unreachable, then comes back."""
-    app: Any = client.app
-    original = app.state.sessionmaker
+    original = app_state(client.app)
     engine = make_engine(UNREACHABLE_DB)
-    app.state.sessionmaker = make_sessionmaker(engine)
+    install_state(client.app, replace(original, sessions=make_sessionmaker(engine)))
     try:
         yield
     finally:
-        app.state.sessionmaker = original
+        install_state(client.app, original)
         engine.dispose()
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.models import Generation, Task
+from app.state import app_state
 from tests.conftest import ADMIN_KEY
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -149,9 +150,9 @@ def test_clear_errors(client: OpenAI, live: str) -> None:
 @pytest.fixture
 def paused(client: OpenAI, live: str) -> Iterator[tuple[threading.Event, threading.Event]]:
     """Pauses the first forward pass of the next generation until `proceed` is set."""
-    from app.ml.registry import ModelRegistry
+    from app.engine.registry import ModelRegistry
 
-    registry: ModelRegistry = live_app(live).state.registry
+    registry: ModelRegistry = app_state(live_app(live)).registry
     started, proceed = threading.Event(), threading.Event()
 
     def pause(module: torch.nn.Module, args: Any) -> None:
@@ -225,7 +226,7 @@ def test_a_full_queue_answers_429_with_retry_after(
     import time
 
     deadline = time.monotonic() + 10
-    while live_app(live).state.engine.waiting < 1:
+    while app_state(live_app(live)).engine.waiting < 1:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     refused = httpx.post(f"{live}/v1/completions", json=body, headers=ADMIN, timeout=10)

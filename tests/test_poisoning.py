@@ -32,7 +32,7 @@ from app.models import (
     Winner,
 )
 from app.services.training import request_run
-from tests.conftest import ADMIN_KEY, reset_database
+from tests.conftest import ADMIN_KEY, IsolatedSettings, reset_database
 from tests.test_training import FAST, QUICK_GATE
 from worker.training.dataset import Item, RoundData, agreement, build_round_data
 from worker.training.rounds import run_round
@@ -52,8 +52,9 @@ def session(db_url: str) -> Iterator[Session]:
 
 
 def rules(**changes: Any) -> Settings:
-    """Default round rules (the defaults are what is tested), with `changes`."""
-    return Settings(_env_file=None, **changes)  # type: ignore[call-arg]
+    """Default round rules (the defaults are what is tested, whatever the environment says),
+    with `changes`."""
+    return IsolatedSettings(**changes)
 
 
 class Ratings:
@@ -374,8 +375,7 @@ def test_a_round_with_a_flooding_attacker_has_the_same_outcome(
 ) -> None:
     """A real round: with the attacker flooding opposite thumbs, comparisons and junk corrections
     it trains on the same ratings and reaches the same decision as without them."""
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+    settings = IsolatedSettings(
         data_dir=tmp_path / "data",
         database_url=pg_url,
         model=str(tiny_model_dir),

@@ -565,7 +565,7 @@ def publish_adapter(deployment: Deployment) -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from app.ml.checkpoints import write_checkpoint
+    from app.engine.checkpoints import write_checkpoint
     from app.services.versions import next_name
 
     model_dir = deployment.replicas[0].env["MODEL"]

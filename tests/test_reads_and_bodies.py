@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.main import create_app
 from app.models import ApiKey, Feedback, Generation, IdempotencyRecord, ModelVersion, Task
+from app.state import app_state
 from app.web.limits import MAX_JSON_DEPTH, json_depth
 from tests.conftest import ADMIN_KEY
 from tests.test_roles import routes, url
@@ -146,7 +147,7 @@ def test_an_unknown_key_with_an_idempotency_key_gets_401_and_writes_nothing(
     client: TestClient, sessions: Sessions
 ) -> None:
     """Nothing is written for a key that is not one: the same 401 as without the header."""
-    engine = client.app.state.sessionmaker.kw["bind"]  # type: ignore[attr-defined]
+    engine = app_state(client.app).sessions.kw["bind"]
     writes: list[str] = []
 
     def watch(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:

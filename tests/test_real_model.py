@@ -8,11 +8,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import Settings
+from app.engine.loading import DEFAULT_SOURCE, prepare_default_model
 from app.main import create_app
 from app.migrate import upgrade
-from app.ml.loading import DEFAULT_SOURCE, prepare_default_model
-from tests.conftest import ADMIN_KEY, CACHE
+from tests.conftest import ADMIN_KEY, CACHE, IsolatedSettings
 
 pytestmark = pytest.mark.real_model
 
@@ -25,8 +24,7 @@ def test_default_model_answers_the_capital_of_france(tmp_path: Path) -> None:
     assert (path / "model.safetensors").is_file()
     database_url = f"sqlite:///{tmp_path / 'real.db'}"
     upgrade(database_url)
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+    settings = IsolatedSettings(
         data_dir=data_dir,
         database_url=database_url,
         admin_api_key=ADMIN_KEY,
@@ -55,9 +53,11 @@ def test_batched_greedy_answers_match_answers_alone() -> None:
     """
     import torch
 
-    from app.ml.engine import Engine, SamplingParams
-    from app.ml.loading import load_model
-    from app.ml.registry import ModelRegistry, ServingVersion
+    from app.engine.chat import chat_prompt
+    from app.engine.loading import load_model
+    from app.engine.registry import ModelRegistry, ServingVersion
+    from app.engine.requests import SamplingParams
+    from app.engine.scheduler import Engine
 
     path = prepare_default_model(CACHE / "real" / "models")
     model, tokenizer = load_model(path, torch.float32)
@@ -74,7 +74,9 @@ def test_batched_greedy_answers_match_answers_alone() -> None:
 
     def submit(i: int) -> Any:
         params = SamplingParams(max_new_tokens=lengths[i], temperature=0)
-        return engine.submit(lambda v: engine.chat_prompt(questions[i], v), params)[0]
+        with engine.lease() as lease:
+            prompt = chat_prompt(lease.version.tokenizer, questions[i])
+            return engine.submit(lease, prompt, params)
 
     engine.start()
     alone = [submit(i).result(120).text for i in range(len(questions))]

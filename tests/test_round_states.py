@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from app.config import Settings
 from app.db import utcnow
-from app.ml.checkpoints import write_checkpoint
+from app.engine.checkpoints import write_checkpoint
 from app.models import (
     Comparison,
     Feedback,
@@ -606,3 +606,233 @@ def test_a_queued_round_whose_task_was_lost_is_declared_stale(
     with sessions() as session:
         new = session.get(TrainingRun, run.id)
         assert new is not None and new.status is RunStatus.queued and new.live
+
+
+# Every write of a run's status or reason is conditional, its row count checked
+
+
+ANOTHER_WRITER = "changed by another process"
+
+
+def _changed_by_another_writer_after(
+    monkeypatch: pytest.MonkeyPatch, module: Any, run_id: int
+) -> None:
+    """Once `module`'s charge_failure has run (the run is failed, and the reason about to get
+    its note), another writer changes the run's reason. (In the same transaction: on PostgreSQL a
+    second one would wait on the row's lock; this stands for what the row count must catch.)"""
+    charge = module.charge_failure
+
+    def charge_then_change(session: Any, *args: Any, **kwargs: Any) -> str | None:
+        note: str | None = charge(session, *args, **kwargs)
+        session.execute(
+            update(TrainingRun).where(TrainingRun.id == run_id).values(reason=ANOTHER_WRITER)
+        )
+        return note
+
+    monkeypatch.setattr(module, "charge_failure", charge_then_change)
+
+
+@pytest.mark.parametrize("who", ["the round itself", "a process declaring it lost"])
+def test_a_failed_runs_reason_is_never_rewritten_over_another_writer(
+    who: str,
+    client: TestClient,
+    admin: dict[str, str],
+    sessions: Any,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failed round's reason gets the note of the ratings charged only while it is still the
+    reason this process wrote: when another process changed the run in between, the row count
+    says so, the change stays and a warning says what was not written."""
+    from app.services import training
+
+    rate_with_corrections(client, admin, 2)
+    run_id = start(sessions)
+    with sessions() as session:
+        assert claim(session, run_id)
+        feedback = sorted(session.scalars(select(Feedback.id)))
+        batch = {"feedback": feedback, "comparisons": []}
+        session.execute(
+            update(TrainingRun)
+            .where(TrainingRun.id == run_id)
+            .values(batch_ids=batch, heartbeat_at=utcnow() - timedelta(seconds=60))
+        )
+        session.commit()
+    with sessions() as session, caplog.at_level("WARNING"):
+        if who == "the round itself":
+            _changed_by_another_writer_after(monkeypatch, rounds, run_id)
+            progress = rounds.Progress(phase="training", batch=batch)
+            status = rounds._fail(session, settings, run_id, MemoryError("x"), progress)
+            assert status is RunStatus.failed
+        else:
+            _changed_by_another_writer_after(monkeypatch, training, run_id)
+            run = session.get(TrainingRun, run_id)
+            assert run is not None and fail_if_stale(session, run, 1)
+    with sessions() as session:
+        run = session.get(TrainingRun, run_id)
+        assert run is not None and (run.status, run.reason) == (RunStatus.failed, ANOTHER_WRITER)
+    assert f"training run {run_id} changed since it was failed" in caplog.text
+    assert set(_failures(sessions).values()) == {(1, False)}  # charged: the failure stands
+
+
+class _BrokerDown:
+    """A task queue whose enqueue raises, after `meanwhile` ran (another process's doing)."""
+
+    def __init__(self, meanwhile: Callable[[int], None] = lambda run_id: None) -> None:
+        self.meanwhile = meanwhile
+
+    def enqueue(self, task: str, *args: Any) -> str:
+        self.meanwhile(int(args[0]))
+        raise ConnectionError("broker unreachable")
+
+
+def test_a_round_that_the_broker_refused_is_failed_unless_a_worker_took_it(
+    sessions: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """start_run fails a round whose task the broker refused (its status was still queued); when
+    a worker claimed it meanwhile (the task got through after all), the row count says so: the
+    round keeps running, the caller gets it, and a warning says why it was not failed."""
+    from app.services.errors import Unavailable
+    from app.services.training import start_run
+
+    with sessions() as session:
+        ensure_base_version(session, settings.model, settings.model)
+        with pytest.raises(Unavailable):
+            down: Any = _BrokerDown()  # as a TaskQueue
+            start_run(session, down, requested_by_id=None, config={}, stale_after=60)
+        refused = session.scalars(select(TrainingRun)).one()
+        assert refused.status is RunStatus.failed and refused.live is None
+        assert "could not reach the task broker" in (refused.reason or "")
+
+    def a_worker_claims(run_id: int) -> None:
+        with sessions() as other:
+            assert claim(other, run_id)
+
+    with sessions() as session, caplog.at_level("WARNING"):
+        queue: Any = _BrokerDown(a_worker_claims)
+        run, created = start_run(session, queue, requested_by_id=None, config={}, stale_after=60)
+        assert created and run.status is RunStatus.running and run.live
+        assert run.reason is None and run.finished_at is None
+    assert f"training run {run.id} is running, no longer queued: not failing it" in caplog.text
+
+
+# A lost round removes only what it wrote itself
+
+
+def test_a_lost_round_never_removes_the_directory_of_the_round_that_reused_its_name(
+    client: TestClient,
+    admin: dict[str, str],
+    sessions: Any,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round declared lost as it writes v1 goes on; the next round removes its v1 (no row
+    names it) and, the name being free, writes its own v1. The lost round then fails to publish,
+    and leaves the later round's v1 as it is."""
+    from app.engine.checkpoints import read_manifest
+
+    rate_with_corrections(client, admin, RATED)
+    write = rounds.write_checkpoint
+    later: list[int] = []
+
+    def write_then_lose_the_name(root: Path, name: str, *args: Any, **kwargs: Any) -> Path:
+        path = write(root, name, *args, **kwargs)
+        with sessions() as session:
+            lost = session.scalars(select(TrainingRun).where(TrainingRun.live.is_(True))).one()
+            assert fail_if_stale(session, lost, 0)  # its heartbeat stopped as it wrote
+            run, created = request_run(session, trigger="manual")
+            assert created and claim(session, run.id)
+            later.append(run.id)
+            _remove_orphans(session, root, run.id)  # the later round's clean-up
+        assert not path.exists()
+        write(root, name, weights, {"name": name, "training_run": later[0]})
+        return path
+
+    def weights(directory: Path) -> None:
+        (directory / "weights").write_text("the later round's")
+
+    monkeypatch.setattr(rounds, "write_checkpoint", write_then_lose_the_name)
+    first = start(sessions, {"train": FAST, "gate": QUICK_GATE})
+    assert run_round(sessions, settings, first) is RunStatus.failed
+    reused = settings.versions_dir / "v1"
+    assert reused.is_dir() and read_manifest(reused)["training_run"] == later[0]
+    assert (reused / "weights").read_text() == "the later round's"
+    assert version_statuses(sessions) == {"v0": "active"} and set(_used(sessions)) == {None}
+
+
+# TRAINING_MAX_SECONDS: no round runs for ever
+
+
+def test_a_round_past_its_time_limit_stops_and_publishes_nothing(
+    client: TestClient, admin: dict[str, str], sessions: Any, settings: Settings
+) -> None:
+    """A round still training after TRAINING_MAX_SECONDS (1 s here) stops at its next check,
+    fails saying so, and publishes, marks and charges nothing."""
+    settings = settings.model_copy(update={"training_max_seconds": 1.0})
+    rate_with_corrections(client, admin, RATED)
+    run_id = start(sessions, {"train": {**FAST, "epochs": 40}, "gate": QUICK_GATE})
+    started = time.monotonic()
+    assert run_round(sessions, settings, run_id) is RunStatus.failed
+    assert time.monotonic() - started < 30, "the round went on past its time limit"
+    with sessions() as session:
+        run = session.get(TrainingRun, run_id)
+        assert run is not None and run.live is None and run.version_id is None
+        reason = run.reason or ""
+    assert "RoundTimedOut" in reason and "TRAINING_MAX_SECONDS" in reason, reason
+    assert "counted against" not in reason  # slow, not stopped by any one batch
+    assert version_statuses(sessions) == {"v0": "active"} and set(_used(sessions)) == {None}
+    assert set(_failures(sessions).values()) == {(0, False)}
+    leftovers = list(settings.versions_dir.iterdir()) if settings.versions_dir.exists() else []
+    assert leftovers == []
+
+
+def test_a_round_that_hangs_past_its_time_limit_stops_beating_and_is_declared_lost(
+    client: TestClient,
+    admin: dict[str, str],
+    sessions: Any,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that hangs in a batch but stays alive: its heartbeat thread beats until
+    TRAINING_MAX_SECONDS, then stops, so the round goes stale and the next request for a round
+    declares it lost (charging the batch it hung in) and queues a new one. Released, the hung
+    round publishes nothing. (The clock jumps past the limit once it hangs.)"""
+    settings = settings.model_copy(update={"training_max_seconds": 30.0})
+    skew = [0.0]
+    clock = type("Clock", (), {"monotonic": staticmethod(lambda: time.monotonic() + skew[0])})
+    monkeypatch.setattr(rounds, "time", clock)
+    poisoned = rate_poisoned(client, admin)
+    rate_with_corrections(client, admin, RATED - 1)
+    stuck, release = threading.Event(), threading.Event()
+
+    def hang() -> None:
+        stuck.set()
+        release.wait(120)
+
+    poison(monkeypatch, two_pairs(settings), hang)
+    run_id = start(sessions, PAIRS_OF_TWO)
+    thread, result = _in_thread(lambda: run_round(sessions, two_pairs(settings), run_id))
+    try:
+        assert stuck.wait(180), "the round never reached the poisoned rating"
+        time.sleep(3 * settings.training_stale_after)  # still beating: not stale
+        with sessions() as session:
+            assert request_run(session, trigger="manual", stale_after=2.0)[1] is False
+        skew[0] = settings.training_max_seconds
+
+        def declared_lost() -> bool:
+            with sessions() as session:
+                _, created = request_run(session, trigger="manual", stale_after=2.0)
+                return created
+
+        wait_until(declared_lost, 30, "the hung round to be declared lost", every=0.5)
+    finally:
+        release.set()
+        thread.join(300)
+    assert result == [RunStatus.failed]
+    with sessions() as session:
+        run = session.get(TrainingRun, run_id)
+        assert run is not None and run.status is RunStatus.failed and run.version_id is None
+        assert "worker lost" in (run.reason or "") and run.batch_ids is not None
+        assert poisoned in run.batch_ids["feedback"]
+    assert version_statuses(sessions) == {"v0": "active"} and set(_used(sessions)) == {None}

@@ -16,14 +16,15 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from app.config import Settings
-from app.ml.checkpoints import MANIFEST, sha256_file, write_checkpoint
-from app.ml.decoders import decoder_for
-from app.ml.loading import load_model
-from app.ml.lora import ADAPTER_WEIGHTS, merge_lora
-from app.ml.registry import ModelRegistry, ServingVersion
+from app.engine.checkpoints import MANIFEST, sha256_file, write_checkpoint
+from app.engine.decoders import decoder_for
+from app.engine.loading import load_model
+from app.engine.lora import ADAPTER_WEIGHTS, merge_lora
+from app.engine.registry import ModelRegistry, ServingVersion
+from app.engine.versions import adapter_dtype, load_adapter_version
 from app.models import ModelVersion, VersionKind, VersionStatus
-from app.services.serving import adapter_dtype, load_adapter_version
 from app.services.versions import activate, get_by_name, next_name
+from app.state import app_state
 
 GREEDY = {"prompt": "Tell me about the sea.", "max_new_tokens": 12, "temperature": 0}
 
@@ -65,7 +66,7 @@ def switch_to(client: TestClient, sessions: Any, name: str) -> None:
     """Make `name` active in the database and let this process's follower pick it up."""
     with sessions() as session:
         activate(session, get_by_name(session, name))
-    client.app.state.follower.sync()  # type: ignore[attr-defined]
+    app_state(client.app).follower.sync()
 
 
 def rewrite_manifest(directory: Path) -> None:
@@ -86,7 +87,7 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @pytest.fixture
 def registry(client: TestClient) -> ModelRegistry:
-    return client.app.state.registry  # type: ignore[no-any-return,attr-defined]
+    return app_state(client.app).registry
 
 
 def peft_merged(base: torch.nn.Module, path: str) -> dict[str, torch.Tensor]:

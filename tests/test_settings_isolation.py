@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
 
 from app.config import Settings
-from tests.conftest import IsolatedSettings
+from tests.conftest import PROCESS_ENVIRONMENT, IsolatedSettings, settings_environment
 
 # Each would change what the suite tests if the fixture took it: another model, limits that
 # refuse the tests' requests, Redis instead of the embedded fallbacks, other training rules.
@@ -62,3 +64,53 @@ def test_isolated_settings_take_only_what_they_are_given() -> None:
     assert settings.model == Settings.model_fields["model"].default
     assert settings.model_dtype == Settings.model_fields["model_dtype"].default
     assert {name: getattr(settings, name) for name in FIELDS} == defaults_of(FIELDS)
+
+
+def test_a_process_the_suite_starts_gets_the_settings_and_nothing_else(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's environment holds every setting as the test made it, and of the caller's
+    environment only what Python needs (PATH, HOME, ...): read back there (with the `.env` in
+    its working directory), it is the test's settings again."""
+    monkeypatch.setenv("UNRELATED_TOKEN", "not for the worker")
+    env = settings_environment(settings)
+    names = {name.upper() for name in Settings.model_fields}
+    assert set(env) <= names | set(PROCESS_ENVIRONMENT) and names <= set(env)
+    assert "UNRELATED_TOKEN" not in env and env["PATH"] == os.environ["PATH"]
+    assert (env["MODEL"], env["MAX_BATCH_SIZE"], env["REDIS_URL"]) == (settings.model, "32", "")
+    for name in list(os.environ):
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings().model_dump() == settings.model_dump()
+
+
+def test_the_suites_workers_and_settings_builders_ignore_the_environment(
+    settings: Settings,
+) -> None:
+    """The workers test_worker_rounds (and test_faults) start, and the round rules of
+    test_poisoning, are the tests' own, whatever the environment holds."""
+    from tests.test_poisoning import rules
+    from tests.test_worker_rounds import _env
+
+    assert _env(settings) == settings_environment(settings)
+    defaults = defaults_of(FIELDS)
+    assert {name: getattr(rules(), name) for name in FIELDS} == defaults
+    assert rules(training_min_items=3).training_min_items == 3
+
+
+def test_no_test_builds_settings_that_read_the_environment() -> None:
+    """`Settings(_env_file=None, ...)` still reads os.environ, and a worker started with
+    `**os.environ` inherits the caller's settings: the suite uses IsolatedSettings and
+    `settings_environment` instead."""
+    tests = Path(__file__).parent
+    offenders = []
+    for module in sorted(tests.glob("test_*.py")):
+        if module.name == Path(__file__).name:
+            continue
+        source = module.read_text()
+        if re.search(r"\bSettings\(\s*_env_file", source):
+            offenders.append(f"{module.name}: Settings(_env_file=None, ...)")
+        if "worker.celery_app" in source and "**os.environ" in source:
+            offenders.append(f"{module.name}: a worker's environment from **os.environ")
+    assert offenders == []

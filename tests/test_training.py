@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 from sqlalchemy import select
 
 from app.config import Settings
-from app.ml.training_config import TokenBudget, TrainConfig
 from app.models import Comparison, Feedback, ModelVersion, RunStatus, TrainingRun, VersionStatus
 from app.services.datasets import KtoRow, PairRow
 from app.services.training import request_run
+from app.state import app_state
+from app.training_config import TokenBudget, TrainConfig
 from tests.conftest import reset_database
 from worker.training import train
 from worker.training.rounds import run_round
@@ -108,7 +109,7 @@ def test_a_round_trains_gates_and_activates_an_adapter(
     assert versions == {"v0": "retired", "v1": "active"}
 
     # The running app follows the new active version without a restart.
-    client.app.state.follower.sync()  # type: ignore[attr-defined]
+    app_state(client.app).follower.sync()
     answer = client.post(
         "/v1/generate", json={"prompt": "Hello?", "max_new_tokens": 4}, headers=admin
     )
@@ -188,7 +189,7 @@ def test_comparisons_train_too_and_rollback_by_activation(
     response = client.post("/v1/models/v0/activate", headers=admin)
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "active"
-    client.app.state.follower.sync()  # type: ignore[attr-defined]
+    app_state(client.app).follower.sync()
     answer = client.post("/v1/generate", json={"prompt": "Hi", "max_new_tokens": 2}, headers=admin)
     assert answer.json()["model_version"] == "v0"
 
@@ -201,7 +202,7 @@ def test_a_corrupt_version_is_refused_and_the_previous_keeps_serving(
     rate_with_corrections(client, admin, RATED)
     run_round(sessions, settings, start(sessions, {"train": FAST, "gate": QUICK_GATE}))
     client.post("/v1/models/v0/activate", headers=admin)
-    client.app.state.follower.sync()  # type: ignore[attr-defined]
+    app_state(client.app).follower.sync()
     weights: Path = settings.versions_dir / "v1" / "adapter_model.safetensors"
     if damage == "corrupt":
         weights.write_bytes(weights.read_bytes()[:-16] + b"\0" * 16)
@@ -218,7 +219,7 @@ def test_a_corrupt_version_is_refused_and_the_previous_keeps_serving(
         v0, v1 = session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
         v0.status, v1.status, v1.status_reason = VersionStatus.retired, VersionStatus.active, None
         session.commit()
-    client.app.state.follower.sync()  # type: ignore[attr-defined]
+    app_state(client.app).follower.sync()
     models = {m["name"]: m for m in client.get("/v1/models", headers=admin).json()["data"]}
     assert models["v1"]["status"] == "refused"
     assert "adapter_model.safetensors" in models["v1"]["status_reason"]

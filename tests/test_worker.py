@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 import redis
 
 from app.config import Settings
-from tests.conftest import REDIS_TEST_URL
+from tests.conftest import REDIS_TEST_URL, IsolatedSettings, settings_environment
 from worker.celery_app import make_celery
 
 
@@ -22,18 +21,14 @@ def worker_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     """Settings for the embedded broker (files in the data dir) or the Redis on this machine."""
     if request.param == "redis":
         redis.Redis.from_url(REDIS_TEST_URL).flushdb()
-        return Settings(_env_file=None, data_dir=tmp_path, redis_url=REDIS_TEST_URL)  # type: ignore[call-arg]
-    return Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
+        return IsolatedSettings(data_dir=tmp_path, redis_url=REDIS_TEST_URL)
+    return IsolatedSettings(data_dir=tmp_path)
 
 
 @pytest.fixture
 def running_worker(worker_settings: Settings) -> Iterator[subprocess.Popen[str]]:
     """`celery worker` as a separate process, configured only through the environment."""
-    env = {
-        **os.environ,
-        "DATA_DIR": str(worker_settings.data_dir),
-        "REDIS_URL": worker_settings.redis_url or "",
-    }
+    env = settings_environment(worker_settings)  # the test's settings, none of the caller's
     process = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
          "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
@@ -49,9 +44,9 @@ def running_worker(worker_settings: Settings) -> Iterator[subprocess.Popen[str]]
 
 def test_broker_choice_follows_settings(tmp_path: Path) -> None:
     """REDIS_URL set: Redis for broker and results; unset: SQLite files in the data directory."""
-    redis_settings = Settings(_env_file=None, data_dir=tmp_path, redis_url="redis://h:6379/0")  # type: ignore[call-arg]
+    redis_settings = IsolatedSettings(data_dir=tmp_path, redis_url="redis://h:6379/0")
     assert redis_settings.celery_urls == ("redis://h:6379/0", "redis://h:6379/0")
-    broker, backend = Settings(_env_file=None, data_dir=tmp_path).celery_urls  # type: ignore[call-arg]
+    broker, backend = IsolatedSettings(data_dir=tmp_path).celery_urls
     assert broker == f"sqla+sqlite:///{tmp_path.resolve() / 'broker.db'}"
     assert backend == f"db+sqlite:///{tmp_path.resolve() / 'results.db'}"
 

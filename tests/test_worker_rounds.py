@@ -3,7 +3,6 @@ app keeps serving and follows the new version by itself."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,15 @@ from sqlalchemy import select
 from app.config import Settings
 from app.main import create_app
 from app.models import Feedback, ModelVersion, TrainingRun
-from tests.conftest import ADMIN_KEY, REDIS_TEST_URL, reset_database, stop_process, wait_until
+from tests.conftest import (
+    ADMIN_KEY,
+    REDIS_TEST_URL,
+    IsolatedSettings,
+    reset_database,
+    settings_environment,
+    stop_process,
+    wait_until,
+)
 from tests.test_training import FAST, QUICK_GATE, rate_with_corrections
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -36,8 +43,7 @@ def settings(request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path: Pat
     else:
         database_url = request.getfixturevalue("sqlite_url")
         reset_database(database_url)
-    return Settings(
-        _env_file=None,  # type: ignore[call-arg]
+    return IsolatedSettings(
         data_dir=tmp_path / "data",
         database_url=database_url,
         redis_url=REDIS_TEST_URL if request.param == "redis" else None,
@@ -52,13 +58,8 @@ def settings(request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path: Pat
 
 
 def _env(settings: Settings) -> dict[str, str]:
-    values = {
-        "DATA_DIR": settings.data_dir, "DATABASE_URL": settings.sqlalchemy_url,
-        "REDIS_URL": settings.redis_url or "", "MODEL": settings.model,
-        "MODEL_DTYPE": settings.model_dtype, "ADMIN_API_KEY": settings.admin_api_key,
-        "TRAINING_MIN_ITEMS": settings.training_min_items,
-    }  # fmt: skip
-    return {**os.environ, **{k: str(v) for k, v in values.items()}}
+    """A worker's environment: the test's settings, none of the caller's."""
+    return settings_environment(settings)
 
 
 @pytest.fixture

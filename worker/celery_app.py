@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, load_settings
 from app.db import make_engine, make_sessionmaker
-from app.services.queue import declare_queues
+from app.services.queue import declare_queues, route_tasks
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -44,6 +44,7 @@ def make_celery(settings: Settings) -> Celery:
             }
         },
     )
+    route_tasks(app)
     return app
 
 
@@ -54,7 +55,7 @@ celery_app = make_celery(settings)
 @worker_init.connect
 @beat_init.connect
 def _declare_queues(sender: object, **_: object) -> None:
-    """Create the queue before consuming or sending (see `declare_queues` for the race)."""
+    """Create the queues before consuming or sending (see `declare_queues` for the race)."""
     declare_queues(celery_app)
 
 

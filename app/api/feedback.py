@@ -6,11 +6,19 @@ from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Response, status
 from fastapi.responses import StreamingResponse
 
-from app.deps import RATE_LIMITED, AdminKey, CurrentKey, FeedbackLimit, SessionDep, SessionsDep
-from app.ml.training_config import TokenBudget
+from app.deps import (
+    RATE_LIMITED,
+    AdminKey,
+    CurrentKey,
+    FeedbackLimit,
+    RegistryDep,
+    SessionDep,
+    SessionsDep,
+    SettingsDep,
+)
 from app.models import Comparison, Feedback
 from app.schemas.feedback import (
     ComparisonCreate,
@@ -22,6 +30,7 @@ from app.schemas.feedback import (
 from app.services import datasets
 from app.services.feedback import Rating, TokenCap, compare, rate, restore, set_aside
 from app.services.keys import visible_owner
+from app.training_config import TokenBudget
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
 
@@ -29,14 +38,13 @@ RatingId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 NOT_FOUND: dict[int | str, dict[str, str]] = {404: {"description": "No such rating."}}
 
 
-def correction_cap(request: Request) -> TokenCap:
+def correction_cap(registry: RegistryDep, settings: SettingsDep) -> TokenCap:
     """The training budget's answer room, counted by the tokenizer of the version serving."""
-    registry = request.app.state.registry
 
     def count(text: str) -> int:
         return len(registry.active.tokenizer(text, add_special_tokens=False).input_ids)
 
-    budget = TokenBudget.from_settings(request.app.state.settings)
+    budget = TokenBudget.from_settings(settings)
     return TokenCap(count, budget.max_answer_tokens)
 
 
@@ -61,8 +69,8 @@ def create_feedback(
     generations (another's is a 404); rater and admin keys rate any."""
     rating = Rating(body.thumbs, body.stars, body.comment, body.correction)
     row, created = rate(
-        session, key.id, body.generation_id, rating, owner_id=visible_owner(key),
-        correction_cap=cap,
+        session, api_key_id=key.id, generation_id=body.generation_id, rating=rating,
+        owner_id=visible_owner(key), correction_cap=cap,
     )  # fmt: skip
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -85,8 +93,8 @@ def create_comparison(
     """Choose between two answers to the same input; choosing again updates your choice (200).
     A user key compares its own generations (another's is a 404); rater and admin keys any."""
     row, created = compare(
-        session, key.id, body.generation_a, body.generation_b, body.winner,
-        owner_id=visible_owner(key),
+        session, api_key_id=key.id, generation_a=body.generation_a,
+        generation_b=body.generation_b, winner=body.winner, owner_id=visible_owner(key),
     )  # fmt: skip
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -155,7 +163,7 @@ def list_set_aside(_: AdminKey, session: SessionDep) -> list[RatingStanding]:
 @router.post("/feedback/{feedback_id}/restore", response_model=RatingStanding, responses=NOT_FOUND)
 def restore_feedback(feedback_id: RatingId, _: AdminKey, session: SessionDep) -> RatingStanding:
     """Give a rating back to the rounds (admin): no longer set aside, its failures back to 0."""
-    return _standing(restore(session, Feedback, feedback_id))
+    return _standing(restore(session, model=Feedback, row_id=feedback_id))
 
 
 @router.post(
@@ -164,4 +172,4 @@ def restore_feedback(feedback_id: RatingId, _: AdminKey, session: SessionDep) ->
 def restore_comparison(comparison_id: RatingId, _: AdminKey, session: SessionDep) -> RatingStanding:
     """Give a comparison back to the rounds (admin): no longer set aside, its failures back
     to 0."""
-    return _standing(restore(session, Comparison, comparison_id))
+    return _standing(restore(session, model=Comparison, row_id=comparison_id))

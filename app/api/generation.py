@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel
 
 from app.api.streaming import documented_stream, event_stream, sse
@@ -17,7 +17,7 @@ from app.deps import (
     GenerationLimit,
     SessionDep,
 )
-from app.models import Role, Task
+from app.models import Generation, Task
 from app.schemas.generation import (
     GenerateRequest,
     GenerateResponse,
@@ -46,34 +46,19 @@ def _answer(
     respond: Callable[[GenerationPublic, dict[str, Any]], BaseModel],
 ) -> Any:
     """Generate and record; the response `respond` makes, or its events when streaming."""
-    lease = None
-    if body.model_version is not None:
-        if ctx.key.role is not Role.admin:
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN,
-                "choosing model_version needs an admin key; leave it out to use the active version",
-            )
-        lease = ctx.follower.lease_by_name(ctx.session, body.model_version)
-    data, params, key_id = body.task_input(), body.sampling(), ctx.key.id
-    max_chars = ctx.settings.max_prompt_chars
-    if not body.stream:
-        row = generations.create_generation(
-            ctx.session, ctx.engine, api_key_id=key_id, task=task, data=data, params=params,
-            max_chars=max_chars, version_lease=lease, disconnected=ctx.disconnected,
-        )  # fmt: skip
+    run = generations.start_generation(
+        ctx.session, engine=ctx.engine, follower=ctx.follower, sessions=ctx.sessions,
+        key=ctx.key, task=task, data=body.task_input(), params=body.sampling(),
+        max_chars=ctx.settings.max_prompt_chars, model_version=body.model_version,
+    )  # fmt: skip
+
+    def answer(row: Generation) -> BaseModel:
         return respond(GenerationPublic.of(row), row.input)
-    stream, prompt = generations.start_generation(
-        ctx.engine, task=task, data=data, params=params, max_chars=max_chars, version_lease=lease,
-        owner=key_id,
-    )  # fmt: skip
-    generations.release_connection(ctx.session)  # a stream can outlive the pool's patience
-    record = generations.recorder(
-        ctx.sessions,
-        lambda row: respond(GenerationPublic.of(row), row.input).model_dump(mode="json"),
-        api_key_id=key_id, task=task, data=data, prompt=prompt, params=params,
-    )  # fmt: skip
+
+    if not body.stream:
+        return run.wait(answer, disconnected=ctx.disconnected)
     return event_stream(
-        stream, record,
+        run.stream, lambda completion: run.record(completion, answer).model_dump(mode="json"),
         delta=lambda text: sse({"text": text}, "delta"),
         done=lambda _, answer: [sse(answer, "done")],
         error=lambda message: sse({"detail": message}, "error"),
@@ -156,5 +141,7 @@ def get_generation(
     generation_id: Annotated[int, Path(ge=1, le=MAX_ID)], key: CurrentKey, session: SessionDep
 ) -> GenerationPublic:
     """One recorded generation (a user key's own; rater and admin keys any)."""
-    row = generations.get_generation(session, generation_id, owner_id=visible_owner(key))
+    row = generations.get_generation(
+        session, generation_id=generation_id, owner_id=visible_owner(key)
+    )
     return GenerationPublic.of(row)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response, status
+from fastapi import APIRouter, Response, status
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
+
+from app.deps import StateDep
 
 router = APIRouter(tags=["health"])
 
@@ -16,16 +18,16 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-def readyz(request: Request, response: Response) -> dict[str, object]:
+def readyz(state: StateDep, response: Response) -> dict[str, object]:
     """Ready when the database answers and a model version is loaded; else 503."""
     checks: dict[str, object] = {}
     try:
-        with request.app.state.sessionmaker() as session:
+        with state.sessions() as session:
             session.execute(text("SELECT 1"))
         checks["database"] = "ok"
     except SQLAlchemyError as exc:
         checks["database"] = f"unavailable: {type(exc).__name__}"
-    registry = request.app.state.registry
+    registry = state.registry
     checks["model"] = registry.active.name if registry.ready else "not loaded"
     ready = checks["database"] == "ok" and registry.ready
     if not ready:

@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/keys", tags=["keys"])
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=KeyCreated)
 def create_key(body: KeyCreate, _: AdminKey, session: SessionDep) -> KeyCreated:
     """Create a key; its secret is in this response only."""
-    row, plaintext = keys.create_key(session, body.name, body.role)
+    row, plaintext = keys.create_key(session, name=body.name, role=body.role)
     return KeyCreated(**KeyPublic.model_validate(row).model_dump(), key=plaintext)
 
 

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
-from app.deps import RATE_LIMITED, AdminKey, CurrentKey, SessionDep, SettingsDep
+from app.deps import (
+    RATE_LIMITED,
+    AdminKey,
+    CurrentKey,
+    FollowerDep,
+    RegistryDep,
+    SessionDep,
+    SettingsDep,
+)
+from app.engine.registry import ModelRegistry
 from app.models import ModelVersion
 from app.schemas.models import ModelList, ModelVersionPublic
 from app.services.notify import announce_activation
@@ -30,25 +39,24 @@ def _public(version: ModelVersion, serving_id: int | None) -> ModelVersionPublic
     )
 
 
-def _serving_id(request: Request) -> int | None:
-    registry = request.app.state.registry
+def _serving_id(registry: ModelRegistry) -> int | None:
     return int(registry.active.id) if registry.ready else None
 
 
 @router.get("/models", response_model=ModelList, responses=RATE_LIMITED)
-def models(_: CurrentKey, session: SessionDep, request: Request) -> ModelList:
+def models(_: CurrentKey, session: SessionDep, registry: RegistryDep) -> ModelList:
     """Every model version, the first base model first, and which one this process serves."""
-    serving_id = _serving_id(request)
+    serving_id = _serving_id(registry)
     return ModelList(data=[_public(v, serving_id) for v in list_versions(session)])
 
 
 @router.post("/models/{name}/activate", response_model=ModelVersionPublic)
 def activate(
-    name: str, _: AdminKey, session: SessionDep, settings: SettingsDep, request: Request
+    name: str, _: AdminKey, session: SessionDep, settings: SettingsDep, follower: FollowerDep
 ) -> ModelVersionPublic:
     """Make a version the active one (roll back by activating an earlier one); every API process
     serves it within seconds. A version whose files fail verification is refused (409)."""
-    version = activate_by_name(session, name, settings.model)
+    version = activate_by_name(session, name=name, base_model=settings.model)
     announce_activation(settings.redis_url, version.id)
-    request.app.state.follower.wake()
-    return _public(version, _serving_id(request))
+    follower.wake()
+    return _public(version, _serving_id(follower.registry))

@@ -10,20 +10,16 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
-from sqlalchemy.orm import Session
 
 from app.api.streaming import documented_stream, event_stream, sse
 from app.deps import Generating, GeneratingDep
-from app.ml.engine import Completion, GenerationStream
-from app.ml.registry import ServingVersion
-from app.models import ApiKey, Role, Task
+from app.engine.requests import Completion
+from app.models import Generation, Task
 from app.schemas.openai import (
     ChatChoice,
     ChatChoiceMessage,
@@ -35,7 +31,6 @@ from app.schemas.openai import (
     Usage,
 )
 from app.services import generations
-from app.services.serving import VersionFollower
 
 
 class OpenAIErrorRoute(APIRoute):
@@ -88,29 +83,11 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIErrorRoute)
 STREAM_DOC = documented_stream('data: {"object": "chat.completion.chunk", ...}\n\n')
 
 
-def _lease(
-    body: ChatCompletionRequest | CompletionRequest,
-    key: ApiKey,
-    session: Session,
-    follower: VersionFollower,
-) -> AbstractContextManager[ServingVersion] | None:
-    """The version `model` names: None (the active one) for `default` or the active name."""
-    if body.model in ("default", follower.registry.active.name):
-        return None
-    if key.role is not Role.admin:
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            f"model {body.model!r}: only admins choose a version other than the active one; "
-            "use 'default'",
-        )
-    return follower.lease_by_name(session, body.model)
-
-
-def _usage(completion: Completion) -> Usage:
+def _usage(answer: Completion | Generation) -> Usage:
     return Usage(
-        prompt_tokens=completion.prompt_tokens,
-        completion_tokens=completion.completion_tokens,
-        total_tokens=completion.prompt_tokens + completion.completion_tokens,
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+        total_tokens=answer.prompt_tokens + answer.completion_tokens,
     )
 
 
@@ -118,11 +95,7 @@ Chunk = Callable[[dict[str, Any], str | None], dict[str, Any]]
 """Makes one SSE payload from a delta and a finish reason, in the endpoint's shape."""
 
 
-def _stream(
-    stream: GenerationStream,
-    record: Callable[[Completion], int],
-    chunk: Chunk,
-) -> StreamingResponse:
+def _stream(run: generations.StartedGeneration, chunk: Chunk) -> StreamingResponse:
     """OpenAI's events: text deltas, a last chunk with finish_reason, usage and
     generation_id, then `[DONE]`; a failure mid-stream sends OpenAI's error object."""
 
@@ -132,7 +105,7 @@ def _stream(
         return [sse({**last, "usage": usage, "generation_id": row_id}), sse("[DONE]")]
 
     return event_stream(
-        stream, record,
+        run.stream, lambda completion: run.record(completion, lambda row: row.id),
         opening=[sse(chunk({"role": "assistant", "content": ""}, None))],
         delta=lambda text: sse(chunk({"content": text}, None)),
         done=done,
@@ -140,90 +113,73 @@ def _stream(
     )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class _Started:
-    """A queued OpenAI request: its stream, how to record it, and the fields every reply has."""
-
-    stream: GenerationStream
-    record: Callable[[Completion], int]
-    created: int
-    model: str
-    fingerprint: str
-
-
 def _start(
     task: Task, body: ChatCompletionRequest | CompletionRequest, ctx: Generating
-) -> _Started:
-    """Queue the request on the version `model` names and release the database connection."""
-    data, params = body.task_input(), body.sampling()
-    stream, prompt = generations.start_generation(
-        ctx.engine, task=task, data=data, params=params, max_chars=ctx.settings.max_prompt_chars,
-        version_lease=_lease(body, ctx.key, ctx.session, ctx.follower), owner=ctx.key.id,
+) -> generations.StartedGeneration:
+    """Queue the request on the version `model` names."""
+    return generations.start_generation(
+        ctx.session, engine=ctx.engine, follower=ctx.follower, sessions=ctx.sessions,
+        key=ctx.key, task=task, data=body.task_input(), params=body.sampling(),
+        max_chars=ctx.settings.max_prompt_chars, model_version=body.model, version_field="model",
     )  # fmt: skip
-    generations.release_connection(ctx.session)  # a stream can outlive the pool's patience
-    record = generations.recorder(
-        ctx.sessions, lambda row: row.id,
-        api_key_id=ctx.key.id, task=task, data=data, prompt=prompt, params=params,
-    )  # fmt: skip
-    version = stream.version
-    return _Started(stream, record, int(time.time()), version.name, version.fingerprint)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=STREAM_DOC)
 def chat_completions(body: ChatCompletionRequest, ctx: GeneratingDep) -> Any:
     """OpenAI's chat completions: the conversation through the model's chat template."""
     run = _start(Task.chat, body, ctx)
+    created, model, fingerprint = int(time.time()), run.version.name, run.version.fingerprint
     if body.stream:
         chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
 
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
             return {
-                "id": chunk_id, "object": "chat.completion.chunk", "created": run.created,
-                "model": run.model, "system_fingerprint": run.fingerprint,
+                "id": chunk_id, "object": "chat.completion.chunk", "created": created,
+                "model": model, "system_fingerprint": fingerprint,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }  # fmt: skip
 
-        return _stream(run.stream, run.record, chunk)
-    completion = generations.wait_for(run.stream, disconnected=ctx.disconnected)
-    row_id = run.record(completion)
-    if completion.finish_reason == "cancelled":
-        raise generations.gone(row_id)
-    return ChatCompletion(
-        id=f"chatcmpl-{row_id}", created=run.created, model=run.model, generation_id=row_id,
-        system_fingerprint=run.fingerprint,
-        choices=[ChatChoice(
-            message=ChatChoiceMessage(content=completion.text),
-            finish_reason=completion.finish_reason,
-        )],
-        usage=_usage(completion),
-    )  # fmt: skip
+        return _stream(run, chunk)
+
+    def answer(row: Generation) -> ChatCompletion:
+        return ChatCompletion(
+            id=f"chatcmpl-{row.id}", created=created, model=model, generation_id=row.id,
+            system_fingerprint=fingerprint,
+            choices=[ChatChoice(
+                message=ChatChoiceMessage(content=row.output), finish_reason=row.finish_reason,
+            )],
+            usage=_usage(row),
+        )  # fmt: skip
+
+    return run.wait(answer, disconnected=ctx.disconnected)
 
 
 @router.post("/completions", response_model=TextCompletion, responses=STREAM_DOC)
 def completions(body: CompletionRequest, ctx: GeneratingDep) -> Any:
     """OpenAI's (legacy) completions: the prompt goes to the model as is."""
     run = _start(Task.completion, body, ctx)
+    created, model, fingerprint = int(time.time()), run.version.name, run.version.fingerprint
     if body.stream:
         chunk_id = f"cmpl-{uuid.uuid4().hex}"
 
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
             return {
-                "id": chunk_id, "object": "text_completion", "created": run.created,
-                "model": run.model, "system_fingerprint": run.fingerprint,
+                "id": chunk_id, "object": "text_completion", "created": created,
+                "model": model, "system_fingerprint": fingerprint,
                 "choices": [{
                     "index": 0, "text": delta.get("content", ""), "finish_reason": finish,
                     "logprobs": None,
                 }],
             }  # fmt: skip
 
-        return _stream(run.stream, run.record, chunk)
-    completion = generations.wait_for(run.stream, disconnected=ctx.disconnected)
-    row_id = run.record(completion)
-    if completion.finish_reason == "cancelled":
-        raise generations.gone(row_id)
-    return TextCompletion(
-        id=f"cmpl-{row_id}", created=run.created, model=run.model, generation_id=row_id,
-        system_fingerprint=run.fingerprint,
-        choices=[CompletionChoice(text=completion.text, finish_reason=completion.finish_reason)],
-        usage=_usage(completion),
-    )  # fmt: skip
+        return _stream(run, chunk)
+
+    def answer(row: Generation) -> TextCompletion:
+        return TextCompletion(
+            id=f"cmpl-{row.id}", created=created, model=model, generation_id=row.id,
+            system_fingerprint=fingerprint,
+            choices=[CompletionChoice(text=row.output, finish_reason=row.finish_reason)],
+            usage=_usage(row),
+        )  # fmt: skip
+
+    return run.wait(answer, disconnected=ctx.disconnected)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import anyio
 from fastapi.responses import StreamingResponse
 
-from app.ml.engine import Completion, GenerationStream
+from app.engine.requests import Completion, GenerationStream
 
 Recorded = TypeVar("Recorded")
 log = logging.getLogger(__name__)

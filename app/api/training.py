@@ -4,23 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from fastapi import APIRouter, Path, Query, Response, status
 
-from app.deps import RATE_LIMITED, AdminKey, CurrentKey, SessionDep, SettingsDep
+from app.deps import RATE_LIMITED, AdminKey, CurrentKey, QueueDep, SessionDep, SettingsDep
 from app.models import Role
 from app.schemas.training import TrainingRunCreate, TrainingRunPublic
 from app.services import training
-from app.services.queue import TaskQueue
 
 router = APIRouter(prefix="/v1/training", tags=["training"])
-
-
-def get_queue(request: Request) -> TaskQueue:
-    """The task queue (made on first use: most requests never need the broker)."""
-    queue: TaskQueue | None = getattr(request.app.state, "queue", None)
-    if queue is None:
-        queue = request.app.state.queue = TaskQueue(request.app.state.settings)
-    return queue
 
 
 @router.post(
@@ -33,7 +24,7 @@ def start_run(
     key: AdminKey,
     session: SessionDep,
     settings: SettingsDep,
-    queue: Annotated[TaskQueue, Depends(get_queue)],
+    queue: QueueDep,
     response: Response,
     body: TrainingRunCreate | None = None,
 ) -> TrainingRunPublic:

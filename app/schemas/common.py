@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
-from app.ml.engine import SamplingParams
+from app.engine.requests import SamplingParams
 
 
 def _holds_nul(value: object) -> bool:

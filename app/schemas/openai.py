@@ -11,7 +11,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
-from app.ml.engine import SamplingParams
+from app.engine.requests import SamplingParams
 from app.schemas.common import InputModel
 
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.ml.training_config import GateConfig, TrainConfig
 from app.models import RunStatus, TrainingRun
 from app.schemas.common import StrictModel
+from app.training_config import GateConfig, TrainConfig
 
 
 class TrainingRunCreate(StrictModel):

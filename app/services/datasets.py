@@ -101,7 +101,7 @@ def _own_ratings(
 
 
 def kto_rows(
-    session: Session, unused_only: bool = False, *, owner_id: int | None = None
+    session: Session, *, unused_only: bool = False, owner_id: int | None = None
 ) -> Iterator[KtoRow]:
     """One row per thumbs or stars rating that carries a signal, oldest first; with `owner_id`,
     only that key's ratings of its own generations."""
@@ -128,7 +128,7 @@ def kto_rows(
 
 
 def pair_rows(
-    session: Session, unused_only: bool = False, *, owner_id: int | None = None
+    session: Session, *, unused_only: bool = False, owner_id: int | None = None
 ) -> Iterator[PairRow]:
     """Pairs from comparisons with a winner, then from corrections, oldest first; with
     `owner_id`, only that key's choices and corrections on its own generations."""
@@ -156,7 +156,7 @@ def pair_rows(
             a.prompt, chosen.output, rejected.output, "comparison", comparison.id,
             comparison.api_key_id, comparison.updated_at,
         )  # fmt: skip
-    for feedback, generation in _corrections(session, unused_only, owner_id=owner_id):
+    for feedback, generation in _corrections(session, unused_only=unused_only, owner_id=owner_id):
         assert feedback.correction is not None
         yield PairRow(
             generation.prompt, feedback.correction, generation.output, "correction", feedback.id,
@@ -175,7 +175,7 @@ def sft_rows(session: Session, *, owner_id: int | None = None) -> Iterator[SftRo
 
 
 def _corrections(
-    session: Session, unused_only: bool = False, *, owner_id: int | None = None
+    session: Session, *, unused_only: bool = False, owner_id: int | None = None
 ) -> Iterator[tuple[Feedback, Generation]]:
     query = (
         select(Feedback, Generation)

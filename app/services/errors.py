@@ -11,6 +11,10 @@ class ServiceError(Exception):
         self.message = message
 
 
+class Forbidden(ServiceError):
+    """The caller's key may not do this (403)."""
+
+
 class NotFound(ServiceError):
     """The thing asked for does not exist (404)."""
 

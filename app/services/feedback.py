@@ -38,10 +38,10 @@ class Rating:
 
 def rate(
     session: Session,
+    *,
     api_key_id: int,
     generation_id: int,
     rating: Rating,
-    *,
     owner_id: int | None = None,
     correction_cap: TokenCap | None = None,
 ) -> tuple[Feedback, bool]:
@@ -49,7 +49,7 @@ def rate(
 
     With `owner_id` (a user key), only that key's own generations can be rated; another's is
     missing (404)."""
-    generation = get_generation(session, generation_id, owner_id=owner_id)
+    generation = get_generation(session, generation_id=generation_id, owner_id=owner_id)
     if rating.correction is not None and rating.correction.strip() == generation.output.strip():
         raise InvalidInput("correction", "the correction is the same as the model's output")
     if rating.correction is not None and correction_cap is not None:
@@ -83,11 +83,11 @@ def rate(
 
 def compare(
     session: Session,
+    *,
     api_key_id: int,
     generation_a: int,
     generation_b: int,
     winner: Winner,
-    *,
     owner_id: int | None = None,
 ) -> tuple[Comparison, bool]:
     """Store a key's choice between two answers to the same input. Returns (row, created).
@@ -95,8 +95,8 @@ def compare(
     With `owner_id` (a user key), both answers must be that key's own."""
     if generation_a == generation_b:
         raise InvalidInput("generation_b", "generation_b must differ from generation_a")
-    first = get_generation(session, generation_a, owner_id=owner_id)
-    second = get_generation(session, generation_b, owner_id=owner_id)
+    first = get_generation(session, generation_id=generation_a, owner_id=owner_id)
+    second = get_generation(session, generation_id=generation_b, owner_id=owner_id)
     if (first.task, first.input_hash) != (second.task, second.input_hash):
         raise InvalidInput(
             "generation_b", "both generations must answer the same task and input to be compared"
@@ -164,7 +164,7 @@ def set_aside(session: Session) -> list[Feedback | Comparison]:
     return rows
 
 
-def restore(session: Session, model: type[Row], row_id: int) -> Row:
+def restore(session: Session, *, model: type[Row], row_id: int) -> Row:
     """Give a rating back to the rounds (commits): it is no longer set aside and its failures
     count from zero again, so that a later round takes it if no round used it yet."""
     row = session.get(model, row_id)

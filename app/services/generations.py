@@ -6,23 +6,25 @@ import hashlib
 import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from app.ml.engine import (
+from app.engine.chat import chat_prompt
+from app.engine.registry import ServingVersion
+from app.engine.requests import (
     Completion,
-    Engine,
     EngineBusy,
     GenerationStream,
     PromptTooLong,
     SamplingParams,
 )
-from app.ml.registry import ServingVersion
-from app.models import Feedback, Generation, ModelVersion, Task
-from app.services.errors import Busy, ClientGone, InvalidInput, NotFound
+from app.engine.scheduler import Engine
+from app.models import ApiKey, Feedback, Generation, ModelVersion, Role, Task
+from app.services.errors import Busy, ClientGone, Forbidden, InvalidInput, NotFound
+from app.services.hotswap import VersionFollower
 from app.services.prompts import language_name, user_message
 
 T = TypeVar("T")
@@ -55,16 +57,47 @@ def _validate(task: Task, data: dict[str, Any], max_chars: int) -> None:
         )
 
 
-def _render(engine: Engine, task: Task, data: dict[str, Any]) -> Callable[[ServingVersion], str]:
-    """How a task's input becomes the exact prompt text for a version."""
+def _prompt(task: Task, data: dict[str, Any], version: ServingVersion) -> str:
+    """The exact prompt text for a task's input on `version`, by its chat template (a
+    completion's prompt goes to the model as is)."""
     if task is Task.completion:
-        return lambda _: str(data["prompt"])
+        return str(data["prompt"])
     if task is Task.chat:
-        return lambda version: engine.chat_prompt(list(data["messages"]), version)
-    return lambda version: engine.chat_prompt(user_message(task, data), version)
+        return chat_prompt(version.tokenizer, list(data["messages"]))
+    return chat_prompt(version.tokenizer, user_message(task, data))
 
 
-def start_generation(
+def choose_version(
+    session: Session,
+    *,
+    follower: VersionFollower,
+    key: ApiKey,
+    name: str | None,
+    field: str = "model_version",
+) -> AbstractContextManager[ServingVersion] | None:
+    """The version a request names, to lease: None (the active one) when it names none.
+
+    Only admins name a version (to compare them); else Forbidden. OpenAI's `model` field also
+    takes `default` and the active version's name, which anyone may send.
+    """
+    if name is None:
+        return None
+    if field == "model":
+        if name in ("default", follower.registry.active.name):
+            return None
+        if key.role is not Role.admin:
+            raise Forbidden(
+                f"model {name!r}: only admins choose a version other than the active one; "
+                "use 'default'"
+            )
+    elif key.role is not Role.admin:
+        raise Forbidden(
+            f"choosing {field} needs an admin key; leave it out to use the active version"
+        )
+    return follower.lease_by_name(session, name)
+
+
+def queue_generation(
     engine: Engine,
     *,
     task: Task,
@@ -81,11 +114,86 @@ def start_generation(
     """
     _validate(task, data, max_chars)
     try:
-        return engine.submit(_render(engine, task, data), params, version_lease, owner=owner)
+        # Refused before the version is leased and the prompt rendered and tokenized (see
+        # Engine.check_admission): refusing a flooding key must cost next to nothing.
+        engine.check_admission(owner)
+        with engine.lease(version_lease) as lease:
+            prompt = _prompt(task, data, lease.version)
+            return engine.submit(lease, prompt, params, owner=owner), prompt
     except PromptTooLong as exc:
         raise InvalidInput(_MAIN_FIELD[task], str(exc)) from None
     except EngineBusy as exc:
         raise Busy(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class StartedGeneration:
+    """A generation queued on the engine: stream its answer and `record` it, or `wait`."""
+
+    stream: GenerationStream
+    prompt: str
+    """The exact text the model runs on."""
+    task: Task
+    data: dict[str, Any]
+    params: SamplingParams
+    api_key_id: int
+    sessions: Callable[[], Session]
+    """Sessions to record in: a streamed answer outlives the request's session."""
+
+    @property
+    def version(self) -> ServingVersion:
+        """The version the request holds until its last token."""
+        return self.stream.version
+
+    def record(self, completion: Completion, then: Callable[[Generation], T]) -> T:
+        """Store the answer in a session of its own, and return `then(row)`, made while that
+        session is open."""
+        with self.sessions() as session:
+            row = record_generation(
+                session, api_key_id=self.api_key_id, task=self.task, data=self.data,
+                prompt=self.prompt, params=self.params, completion=completion,
+            )  # fmt: skip
+            return then(row)
+
+    def wait(
+        self, then: Callable[[Generation], T], *, disconnected: Callable[[], bool] | None = None
+    ) -> T:
+        """The whole answer, recorded, and `then(row)`; a client that goes away meanwhile
+        cancels it: what was generated is recorded as `cancelled`, then ClientGone."""
+        completion = wait_for(self.stream, disconnected=disconnected)
+        row_id, answer = self.record(completion, lambda row: (row.id, then(row)))
+        if completion.finish_reason == "cancelled":
+            raise gone(row_id)
+        return answer
+
+
+def start_generation(
+    session: Session,
+    *,
+    engine: Engine,
+    follower: VersionFollower,
+    sessions: Callable[[], Session],
+    key: ApiKey,
+    task: Task,
+    data: dict[str, Any],
+    params: SamplingParams,
+    max_chars: int,
+    model_version: str | None = None,
+    version_field: str = "model_version",
+) -> StartedGeneration:
+    """Run one generation for any route, streamed or not: the version the request names (see
+    `choose_version`; `version_field` is the field it came in), the input validated and
+    queued, the request's database connection released. Then stream `.stream` and `.record`
+    the answer, or `.wait` for it recorded."""
+    lease = choose_version(
+        session, follower=follower, key=key, name=model_version, field=version_field
+    )
+    stream, prompt = queue_generation(
+        engine, task=task, data=data, params=params, max_chars=max_chars, version_lease=lease,
+        owner=key.id,
+    )  # fmt: skip
+    release_connection(session)  # a stream can outlive the pool's patience
+    return StartedGeneration(stream, prompt, task, data, params, key.id, sessions)
 
 
 def record_generation(
@@ -118,30 +226,6 @@ def record_generation(
     return generation
 
 
-def recorder(
-    sessions: Callable[[], Session],
-    then: Callable[[Generation], T],
-    *,
-    api_key_id: int,
-    task: Task,
-    data: dict[str, Any],
-    prompt: str,
-    params: SamplingParams,
-) -> Callable[[Completion], T]:
-    """Records a streamed answer in a session of its own (a stream outlives the request's),
-    and returns `then(row)`, made while that session is open."""
-
-    def record(completion: Completion) -> T:
-        with sessions() as session:
-            row = record_generation(
-                session, api_key_id=api_key_id, task=task, data=data, prompt=prompt,
-                params=params, completion=completion,
-            )  # fmt: skip
-            return then(row)
-
-    return record
-
-
 def gone(row_id: int) -> ClientGone:
     """The error for a generation whose client went away (it was recorded as cancelled)."""
     return ClientGone(f"the client went away; generation {row_id} was recorded as cancelled")
@@ -172,36 +256,8 @@ def release_connection(session: Session) -> None:
     session.commit()
 
 
-def create_generation(
-    session: Session,
-    engine: Engine,
-    *,
-    api_key_id: int,
-    task: Task,
-    data: dict[str, Any],
-    params: SamplingParams,
-    max_chars: int,
-    version_lease: AbstractContextManager[ServingVersion] | None = None,
-    disconnected: Callable[[], bool] | None = None,
-) -> Generation:
-    """Run the model on one task input, wait for the answer and record it; a client that goes
-    away meanwhile cancels it: what was generated is recorded as `cancelled`, then ClientGone."""
-    stream, prompt = start_generation(
-        engine, task=task, data=data, params=params, max_chars=max_chars,
-        version_lease=version_lease, owner=api_key_id,
-    )  # fmt: skip
-    release_connection(session)
-    row = record_generation(
-        session, api_key_id=api_key_id, task=task, data=data, prompt=prompt, params=params,
-        completion=wait_for(stream, disconnected=disconnected),
-    )  # fmt: skip
-    if row.finish_reason == "cancelled":
-        raise gone(row.id)
-    return row
-
-
 def get_generation(
-    session: Session, generation_id: int, *, owner_id: int | None = None
+    session: Session, *, generation_id: int, owner_id: int | None = None
 ) -> Generation:
     """One generation by id; with `owner_id`, only if that key asked for it (another key's is
     reported as missing, so that ids say nothing about other keys' traffic)."""

@@ -75,7 +75,7 @@ class Begun:
     response: StoredResponse | None = None
 
 
-def fingerprint(method: str, path: str, query: bytes, body: bytes) -> str:
+def fingerprint(method: str, *, path: str, query: bytes, body: bytes) -> str:
     """SHA-256 of what makes two requests the same request."""
     digest = hashlib.sha256()
     for part in (method.encode(), path.encode(), query, body):
@@ -90,7 +90,7 @@ class IdempotencyStore:
         self._sessions = sessions
         self._next_purge = 0.0
 
-    def begin(self, caller: Caller, key: str, request_fingerprint: str) -> Begun:
+    def begin(self, caller: Caller, *, key: str, request_fingerprint: str) -> Begun:
         """Claim `key` for this request, or say why not."""
         now = utcnow()
         with self._sessions() as session:
@@ -122,7 +122,7 @@ class IdempotencyStore:
             body = caller.cipher.decrypt(row.body) if row.body else b""
             return Begun(Verdict.replay, response=StoredResponse(row.status_code, headers, body))
 
-    def complete(self, caller: Caller, record_id: int, response: StoredResponse) -> None:
+    def complete(self, caller: Caller, *, record_id: int, response: StoredResponse) -> None:
         """Keep the response of a claimed request for its retries."""
         with self._sessions() as session:
             session.execute(

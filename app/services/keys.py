@@ -29,7 +29,7 @@ def new_plaintext_key() -> str:
 
 
 def create_key(
-    session: Session, name: str, role: Role, plaintext: str | None = None
+    session: Session, *, name: str, role: Role, plaintext: str | None = None
 ) -> tuple[ApiKey, str]:
     """Store a new key and return it with its plaintext, which is never stored."""
     plaintext = plaintext or new_plaintext_key()
@@ -98,7 +98,9 @@ def revoke_key(session: Session, key_id: int) -> ApiKey:
     return key
 
 
-def ensure_bootstrap_admin(session: Session, configured: str | None, key_file: Path) -> str | None:
+def ensure_bootstrap_admin(
+    session: Session, *, configured: str | None, key_file: Path
+) -> str | None:
     """Make sure an admin key exists; return a newly generated plaintext (to print once), else None.
 
     A configured key (ADMIN_API_KEY) is registered if missing. Otherwise the first start generates
@@ -107,21 +109,21 @@ def ensure_bootstrap_admin(session: Session, configured: str | None, key_file: P
     if configured is not None:
         if session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(configured))) is None:
             try:
-                create_key(session, "bootstrap admin", Role.admin, configured)
+                create_key(session, name="bootstrap admin", role=Role.admin, plaintext=configured)
             except IntegrityError:  # another process registered it first
                 session.rollback()
         return None
     if key_file.is_file():
         stored = key_file.read_text().strip()
         if session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(stored))) is None:
-            create_key(session, "bootstrap admin", Role.admin, stored)
+            create_key(session, name="bootstrap admin", role=Role.admin, plaintext=stored)
         return None
     has_admin = session.scalar(
         select(func.count()).where(ApiKey.role == Role.admin, ApiKey.revoked_at.is_(None))
     )
     if has_admin:
         return None
-    _, plaintext = create_key(session, "bootstrap admin", Role.admin)
+    _, plaintext = create_key(session, name="bootstrap admin", role=Role.admin)
     key_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:

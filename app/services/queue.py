@@ -10,9 +10,20 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from app.config import Settings
 
+TRAINING_QUEUE = "training"
+"""The queue rounds (tasks named `training.*`) are sent to; everything else goes to Celery's
+default queue. A worker started without `-Q` consumes both; one on a GPU host can take the
+rounds alone (`celery -A worker.celery_app worker -Q training`), see docs/operations.md."""
+
+
+def route_tasks(celery: Celery) -> None:
+    """Declare the default and the training queue on this app, and route rounds to the latter."""
+    celery.conf.task_queues = (Queue(celery.conf.task_default_queue), Queue(TRAINING_QUEUE))
+    celery.conf.task_routes = {"training.*": {"queue": TRAINING_QUEUE}}
+
 
 def declare_queues(celery: Celery, attempts: int = 5) -> None:
-    """Create the default queue on the broker now, tolerating another process doing the same.
+    """Create the app's queues on the broker now, tolerating another process doing the same.
 
     kombu's SQLAlchemy transport (the embedded broker) creates its tables and then a queue row
     with plain CREATE and INSERT statements the first time a process uses it; a worker and an
@@ -23,7 +34,8 @@ def declare_queues(celery: Celery, attempts: int = 5) -> None:
     for attempt in range(attempts):
         try:
             with celery.connection_for_write() as connection:
-                Queue(celery.conf.task_default_queue)(connection.default_channel).declare()
+                for queue in celery.conf.task_queues or [Queue(celery.conf.task_default_queue)]:
+                    queue(connection.default_channel).declare()
             return
         except (IntegrityError, OperationalError):  # SQLAlchemy's, raised by the transport
             if attempt == attempts - 1:
@@ -39,6 +51,7 @@ class TaskQueue:
         self._celery = Celery("feedback_lm", broker=broker, backend=backend)
         self._celery.conf.broker_connection_timeout = 3
         self._celery.conf.broker_connection_max_retries = 1
+        route_tasks(self._celery)
         self._declared = False
 
     def enqueue(self, task: str, *args: object) -> str:

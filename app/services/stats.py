@@ -293,7 +293,7 @@ def _day_start(day: date) -> datetime:
     return datetime.combine(day, time.min, tzinfo=UTC)
 
 
-def daily(session: Session, days: int, today: date | None = None) -> Daily:
+def daily(session: Session, *, days: int, today: date | None = None) -> Daily:
     """Ratings and comparisons per UTC day over the last `days` days ending today, and approval
     per day and version on days that had any."""
     last = today or utcnow().date()
@@ -436,4 +436,4 @@ def cached_daily(
     state = data_state(session)
     last = today or utcnow().date()
     key = ("daily", days, last, state["feedback"], state["comparisons"], state["versions"])
-    return cache.get(key, lambda: daily(session, days, last))
+    return cache.get(key, lambda: daily(session, days=days, today=last))

@@ -3,10 +3,12 @@ change of a run's status, each a compare-and-set on the status it expects."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
@@ -17,18 +19,29 @@ from app.services.errors import NotFound, Unavailable
 from app.services.queue import TaskQueue
 from app.services.versions import active_version
 
+log = logging.getLogger(__name__)
+
 
 def live_run(session: Session) -> TrainingRun | None:
     """The queued or running round, if any."""
     return session.scalar(select(TrainingRun).where(TrainingRun.live.is_(True)))
 
 
-def transition(session: Session, run_id: int, expected: RunStatus, **values: Any) -> bool:
-    """Set `values` on the run only while its status is `expected`; True when it was (the caller
-    commits). The in-memory run, if loaded, reloads on next access."""
+def transition(
+    session: Session,
+    run_id: int,
+    expected: RunStatus,
+    *,
+    when: Sequence[ColumnElement[bool]] = (),
+    **values: Any,
+) -> bool:
+    """Set `values` on the run only while its status is `expected` (and each of `when` holds);
+    True when it was, False when the row count says another process changed the run first (the
+    caller commits). Every write of a run's status or reason goes through here. The in-memory
+    run, if loaded, reloads on next access."""
     result = session.execute(
         update(TrainingRun)
-        .where(TrainingRun.id == run_id, TrainingRun.status == expected)
+        .where(TrainingRun.id == run_id, TrainingRun.status == expected, *when)
         .values(**values),
         execution_options={"synchronize_session": False},
     )
@@ -39,13 +52,35 @@ def transition(session: Session, run_id: int, expected: RunStatus, **values: Any
 
 
 def finish(
-    session: Session, run_id: int, expected: RunStatus, status: RunStatus, reason: str | None = None
+    session: Session,
+    run_id: int,
+    expected: RunStatus,
+    status: RunStatus,
+    reason: str | None = None,
+    *,
+    when: Sequence[ColumnElement[bool]] = (),
 ) -> bool:
     """Move a run from `expected` to a final state; True when it was still `expected` (the
     caller commits)."""
     return transition(
-        session, run_id, expected, status=status, reason=reason, finished_at=utcnow(), live=None
-    )
+        session, run_id, expected, when=when,
+        status=status, reason=reason, finished_at=utcnow(), live=None,
+    )  # fmt: skip
+
+
+def add_to_reason(session: Session, run_id: int, status: RunStatus, reason: str, note: str) -> bool:
+    """Append `note` to the reason of a run this process just finished as `status` with `reason`,
+    only while it still is exactly that (the caller commits); when another process changed the
+    run meanwhile, log it and leave what that process wrote."""
+    if transition(
+        session, run_id, status, when=[TrainingRun.reason == reason], reason=f"{reason}; {note}"
+    ):
+        return True
+    log.warning(
+        "training run %s changed since it was %s (%s): not adding %r to its reason",
+        run_id, status.value, reason, note,
+    )  # fmt: skip
+    return False
 
 
 def claim(session: Session, run_id: int) -> bool:
@@ -75,21 +110,10 @@ def fail_if_stale(
     cutoff = utcnow() - timedelta(seconds=stale_after)
     if last >= cutoff:
         return False
+    reason = f"worker lost: no heartbeat since {last.isoformat()}"
     # Conditional on staleness too: a beat that landed since the read keeps the round alive.
-    lost = session.execute(
-        update(TrainingRun)
-        .where(
-            TrainingRun.id == run.id,
-            TrainingRun.status == RunStatus.running,
-            or_(TrainingRun.heartbeat_at.is_(None), TrainingRun.heartbeat_at < cutoff),
-        )
-        .values(
-            status=RunStatus.failed, finished_at=utcnow(), live=None,
-            reason=f"worker lost: no heartbeat since {last.isoformat()}",
-        ),
-        execution_options={"synchronize_session": False},
-    )  # fmt: skip
-    if cast(CursorResult[Any], lost).rowcount != 1:
+    stale = or_(TrainingRun.heartbeat_at.is_(None), TrainingRun.heartbeat_at < cutoff)
+    if not finish(session, run.id, RunStatus.running, RunStatus.failed, reason, when=[stale]):
         session.rollback()
         session.refresh(run)
         return False
@@ -97,10 +121,7 @@ def fail_if_stale(
     batch = session.scalar(select(TrainingRun.batch_ids).where(TrainingRun.id == run.id))
     note = charge_failure(session, run.id, batch, max_row_failures)
     if note:
-        transition(
-            session, run.id, RunStatus.failed,
-            reason=f"worker lost: no heartbeat since {last.isoformat()}; {note}",
-        )  # fmt: skip
+        add_to_reason(session, run.id, RunStatus.failed, reason, note)
     session.commit()
     session.refresh(run)
     return True
@@ -112,25 +133,17 @@ def _fail_if_never_taken(session: Session, run: TrainingRun, stale_after: float)
     cutoff = utcnow() - timedelta(seconds=stale_after)
     if run.created_at >= cutoff:
         return False
+    reason = (
+        f"never started: no worker took it within {stale_after:g} s of "
+        f"{run.created_at.isoformat()} (TRAINING_STALE_AFTER); its task was lost or no worker "
+        "is running"
+    )
     # Conditional on the status: a worker that claims it at this moment keeps it.
-    lost = session.execute(
-        update(TrainingRun)
-        .where(
-            TrainingRun.id == run.id,
-            TrainingRun.status == RunStatus.queued,
-            TrainingRun.created_at < cutoff,
-        )
-        .values(
-            status=RunStatus.failed, finished_at=utcnow(), live=None,
-            reason=f"never started: no worker took it within {stale_after:g} s of "
-            f"{run.created_at.isoformat()} (TRAINING_STALE_AFTER); its task was lost or no "
-            "worker is running",
-        ),
-        execution_options={"synchronize_session": False},
-    )  # fmt: skip
+    old = [TrainingRun.created_at < cutoff]
+    failed = finish(session, run.id, RunStatus.queued, RunStatus.failed, reason, when=old)
     session.commit()
     session.refresh(run)
-    return cast(CursorResult[Any], lost).rowcount == 1
+    return failed
 
 
 def charge_failure(
@@ -236,9 +249,19 @@ def start_run(
             queue.enqueue("training.run_round", run.id)
         except Exception as exc:  # broker down: do not leave a live round nobody will run
             reason = f"could not reach the task broker: {exc}"
-            finish(session, run.id, RunStatus.queued, RunStatus.failed, reason)
+            failed = finish(session, run.id, RunStatus.queued, RunStatus.failed, reason)
             session.commit()
             session.refresh(run)
+            if not failed:
+                # Someone else moved it first: a worker claimed it (the task got through after
+                # all), or it was declared stale. Theirs stands; a round a worker took is
+                # answered as queued would be.
+                log.warning(
+                    "training run %s is %s, no longer queued: not failing it (%s)",
+                    run.id, run.status.value, reason,
+                )  # fmt: skip
+                if run.status is not RunStatus.failed:
+                    return run, created
             raise Unavailable("the task broker is unavailable; try again shortly") from None
     return run, created
 

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
-from app.ml.checkpoints import CorruptCheckpoint, verify_checkpoint
+from app.engine.checkpoints import CorruptCheckpoint, verify_checkpoint
 from app.models import ModelVersion, VersionKind, VersionStatus
 from app.services.errors import Conflict, NotFound
 
@@ -83,7 +83,7 @@ def _update(session: Session, where: list[Any], **values: Any) -> bool:
     return cast(CursorResult[Any], result).rowcount > 0
 
 
-def activate_by_name(session: Session, name: str, base_model: str) -> ModelVersion:
+def activate_by_name(session: Session, *, name: str, base_model: str) -> ModelVersion:
     """An admin's activation (or rollback): any version whose files verify, on the current base."""
     version = get_by_name(session, name)
     if version.base_model != base_model:

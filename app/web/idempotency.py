@@ -30,6 +30,7 @@ from app.services.idempotency import (
     fingerprint,
 )
 from app.services.keys import authenticate
+from app.state import app_state
 from app.web.limits import read_body, replaying
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,13 @@ class IdempotencyMiddleware:
             return
         caller = Caller.of(token)
         store = self._store_of(scope)
-        request = fingerprint("POST", scope["path"], scope.get("query_string", b""), body)
+        request = fingerprint(
+            "POST", path=scope["path"], query=scope.get("query_string", b""), body=body
+        )
         try:
-            begun = await _in_thread(lambda: store.begin(caller, key, request))
+            begun = await _in_thread(
+                lambda: store.begin(caller, key=key, request_fingerprint=request)
+            )
         except SQLAlchemyError as exc:
             log.error("idempotency records unavailable: %s", type(exc).__name__)
             await _error(503, DATABASE_DOWN, retry_after=5)(scope, receive, send)
@@ -132,7 +137,7 @@ class IdempotencyMiddleware:
             raise
         response = _collect(messages)
         if response is not None and 200 <= response.status_code < 300:
-            await _quietly(lambda: store.complete(caller, record_id, response))
+            await _quietly(lambda: store.complete(caller, record_id=record_id, response=response))
         else:
             await _quietly(lambda: store.release(record_id))
         for message in messages:
@@ -141,12 +146,12 @@ class IdempotencyMiddleware:
     @staticmethod
     def _known(scope: Scope, token: str) -> bool:
         """Whether `token` is an active API key."""
-        with scope["app"].state.sessionmaker() as session:
+        with app_state(scope["app"]).sessions() as session:
             return authenticate(session, token) is not None
 
     def _store_of(self, scope: Scope) -> IdempotencyStore:
         if self._store is None:
-            self._store = IdempotencyStore(scope["app"].state.sessionmaker)
+            self._store = IdempotencyStore(app_state(scope["app"]).sessions)
         return self._store
 
 

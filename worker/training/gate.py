@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from app.ml.training_config import GateConfig, TokenBudget
 from app.services.datasets import KtoRow, PairRow
+from app.training_config import GateConfig, TokenBudget
 from worker.training.batches import OnBatch, no_batches, ratings_of
 
 FIXED_PROMPTS = (
@@ -68,12 +68,17 @@ def _backbone_and_head(model: Any) -> tuple[Any, Any]:
     return inner.get_decoder(), inner.get_output_embeddings()
 
 
+def device_of(model: Any) -> torch.device:
+    """Where a model's weights are: the gate's inputs go there (a GPU after training on one)."""
+    return next(model.parameters()).device
+
+
 def _chunked_logprobs(
     head: Any, states: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
 ) -> torch.Tensor:
     """log p(target) at each position, projecting `chunk_tokens` positions to the vocabulary at a
     time, so that logits never exceed [chunk_tokens, vocabulary]."""
-    out = torch.empty(len(targets))
+    out = torch.empty(len(targets), device=states.device)
     for start in range(0, len(targets), chunk_tokens):
         logits = head(states[start : start + chunk_tokens]).float()
         picked = logits.gather(1, targets[start : start + chunk_tokens, None]).squeeze(1)
@@ -96,6 +101,7 @@ def completion_logprobs(
     encoded = [encode(tokenizer, prompt, completion, budget) for prompt, completion in items]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     backbone, head = _backbone_and_head(model)
+    device = device_of(model)
     scores = [0.0] * len(items)
     for batch in token_batches([len(ids) for ids, _ in encoded], budget.batch_tokens):
         on_batch(batch)
@@ -112,12 +118,13 @@ def completion_logprobs(
             span = range(max(prompt_length, 1) - 1, len(sequence) - 1)
             rows += [row] * len(span)
             positions += span
+        ids, mask = ids.to(device), mask.to(device)
         hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         row_index, position_index = torch.tensor(rows), torch.tensor(positions)
+        on_device = row_index.to(device), position_index.to(device)
         logprobs = _chunked_logprobs(
-            head, hidden[row_index, position_index], ids[row_index, position_index + 1],
-            budget.chunk_tokens,
-        )  # fmt: skip
+            head, hidden[on_device], ids[on_device[0], on_device[1] + 1], budget.chunk_tokens
+        ).cpu()
         for row, index in enumerate(batch):
             scores[index] = float(logprobs[row_index == row].mean())
         on_batch(None)
@@ -137,12 +144,12 @@ def greedy_answers(
             batch = tokenizer(
                 list(prompts[start : start + batch_size]), add_special_tokens=False,
                 return_tensors="pt", padding=True,
-            )  # fmt: skip
+            ).to(device_of(model))  # fmt: skip
             output = model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             )  # fmt: skip
-            for row in output[:, batch.input_ids.shape[1] :].tolist():
+            for row in output[:, batch["input_ids"].shape[1] :].tolist():
                 answers.append(
                     [t for t in row if t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)]
                 )
@@ -167,7 +174,7 @@ def kl_to_base(
         if not answer:
             continue
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        ids = torch.tensor([prompt_ids + answer])
+        ids = torch.tensor([prompt_ids + answer], device=device_of(candidate))
         positions = slice(len(prompt_ids) - 1, ids.shape[1] - 1)
         policy_states = backbone(input_ids=ids, use_cache=False).last_hidden_state[0, positions]
         with candidate.disable_adapter():
@@ -206,6 +213,8 @@ def evaluate(
     `on_batch` is told the ratings of each batch of held-out rows as it is scored (the fixed
     prompts hold none)."""
     metrics: dict[str, Any] = {"gate": config.to_dict(), "token_budget": budget.to_dict()}
+    if active is not None:  # loaded on the CPU, where the candidate may have left for a GPU
+        active = active.to(device_of(candidate))
 
     @contextlib.contextmanager
     def as_active() -> Iterator[Any]:

@@ -12,6 +12,8 @@ import errno
 import logging
 import shutil
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -22,8 +24,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db import utcnow
-from app.ml.checkpoints import CorruptCheckpoint, read_manifest, remove_partials, write_checkpoint
-from app.ml.training_config import GateConfig, TokenBudget, TrainConfig
+from app.engine.checkpoints import (
+    CorruptCheckpoint,
+    read_manifest,
+    remove_partials,
+    write_checkpoint,
+)
+from app.engine.loading import base_model_dir
 from app.models import (
     Comparison,
     Feedback,
@@ -35,9 +42,16 @@ from app.models import (
 )
 from app.models.training_run import LIVE_STATUSES
 from app.services.notify import announce_activation
-from app.services.serving import base_model_dir
-from app.services.training import charge_failure, claim, fail_if_stale, finish, transition
+from app.services.training import (
+    add_to_reason,
+    charge_failure,
+    claim,
+    fail_if_stale,
+    finish,
+    transition,
+)
 from app.services.versions import active_version, next_name, promote
+from app.training_config import GateConfig, TokenBudget, TrainConfig
 from worker.training.batches import RatingIds, ratings_of
 from worker.training.dataset import RoundData, build_round_data
 from worker.training.gate import evaluate
@@ -48,6 +62,10 @@ log = logging.getLogger(__name__)
 
 class RoundLost(Exception):
     """The run is no longer `running`: someone else declared it lost."""
+
+
+class RoundTimedOut(RuntimeError):
+    """The round ran past TRAINING_MAX_SECONDS: it stops and publishes nothing."""
 
 
 class RatingsUsed(RuntimeError):
@@ -93,17 +111,27 @@ class Progress:
 class BatchLog:
     """Records on the run which ratings the batch being computed on holds (`OnBatch`): before
     the batch, and None after it, each a conditional write committed before the round goes on,
-    so that whoever declares the round lost charges the batch it was really in."""
+    so that whoever declares the round lost charges the batch it was really in. `check` (the
+    heartbeat's) runs first: a round lost or past its time limit computes no further batch."""
 
-    def __init__(self, session: Session, run_id: int, progress: Progress) -> None:
+    def __init__(
+        self,
+        session: Session,
+        run_id: int,
+        progress: Progress,
+        check: Callable[[], None] = lambda: None,
+    ) -> None:
         self.session = session
         self.run_id = run_id
         self.progress = progress
+        self.check = check
         self._written: RatingIds | None = None
 
     def __call__(self, ratings: RatingIds | None) -> None:
         # No batch until the write landed: a failure of the write itself charges nobody.
         self.progress.batch = None
+        if ratings is not None:
+            self.check()
         if ratings != self._written:
             _while_running(self.session, self.run_id, batch_ids=ratings, heartbeat_at=utcnow())
             self.session.commit()
@@ -112,19 +140,37 @@ class BatchLog:
 
 
 class Heartbeat:
-    """Beats a running round's heartbeat from a thread until stopped; notes when it is lost."""
+    """Beats a running round's heartbeat from a thread until stopped; notes when it is lost.
 
-    def __init__(self, sessions: sessionmaker[Session], run_id: int, interval: float) -> None:
+    It beats for `max_seconds` at most (TRAINING_MAX_SECONDS): a round still running then has
+    hung or is far too slow, and once its heartbeat is stale it is declared lost by the usual
+    path, so that it blocks no later round; the round itself, if it is still making progress,
+    stops at its next check."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        run_id: int,
+        interval: float,
+        max_seconds: float = float("inf"),
+    ) -> None:
         self.sessions = sessions
         self.run_id = run_id
         self.interval = interval
+        self.max_seconds = max_seconds
         self.lost = threading.Event()
         self._stop = threading.Event()
+        self._started = time.monotonic()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
+        self._started = time.monotonic()
         self._thread.start()
         return self
+
+    def expired(self) -> bool:
+        """Whether the round has run for longer than `max_seconds`."""
+        return time.monotonic() - self._started > self.max_seconds
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -133,12 +179,25 @@ class Heartbeat:
         self._thread.join()
 
     def check(self) -> None:
-        """Raise RoundLost once a beat found the run no longer running."""
+        """Raise RoundLost once a beat found the run no longer running, and RoundTimedOut once
+        the round has run for longer than `max_seconds`."""
         if self.lost.is_set():
             raise RoundLost(f"training run {self.run_id} is no longer running")
+        if self.expired():
+            raise RoundTimedOut(
+                f"the round ran for more than {self.max_seconds:g} s (TRAINING_MAX_SECONDS); "
+                "it stopped and published nothing"
+            )
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
+            if self.expired():
+                log.error(
+                    "training run %s has run for more than %g s (TRAINING_MAX_SECONDS): its "
+                    "heartbeat stops, so that it is declared lost once stale",
+                    self.run_id, self.max_seconds,
+                )  # fmt: skip
+                return
             try:
                 with self.sessions() as session:
                     alive = transition(
@@ -173,7 +232,8 @@ def run_round(sessions: sessionmaker[Session], settings: Settings, run_id: int) 
             return run.status
     progress = Progress()
     interval = min(settings.training_stale_after / 4, 30.0)
-    with Heartbeat(sessions, run_id, interval) as heartbeat, sessions() as session:
+    heartbeat = Heartbeat(sessions, run_id, interval, settings.training_max_seconds)
+    with heartbeat, sessions() as session:
         try:
             return _run(session, settings, run_id, heartbeat, progress)
         except RoundLost:
@@ -193,11 +253,15 @@ def _fail(
     reason = f"{type(exc).__name__} in {progress.phase}: {exc}"
     if not finish(session, run_id, RunStatus.running, RunStatus.failed, reason):
         session.rollback()  # declared lost meanwhile: whoever did so charged the batch
+        log.warning("training run %s was no longer running: not recording %r", run_id, reason)
         return RunStatus.failed
     # Only the batch it was computing on can have caused it; outside one, nobody is charged.
-    note = charge_failure(session, run_id, progress.batch, settings.training_max_row_failures)
+    # A round that ran out of time while still making progress was slow, not stopped by one
+    # batch: nobody is charged (one that hung in a batch is declared lost, and that is charged).
+    batch = None if isinstance(exc, RoundTimedOut) else progress.batch
+    note = charge_failure(session, run_id, batch, settings.training_max_row_failures)
     if note:
-        transition(session, run_id, RunStatus.failed, reason=f"{reason}; {note}")
+        add_to_reason(session, run_id, RunStatus.failed, reason, note)
     session.commit()
     return RunStatus.failed
 
@@ -244,7 +308,7 @@ def _run(
     base_path = base_model_dir(settings)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     parent_adapter = Path(parent.path) if parent.kind is VersionKind.adapter else None
-    batches = BatchLog(session, run_id, progress)
+    batches = BatchLog(session, run_id, progress, heartbeat.check)
     trained = train_adapter(
         base_path, parent_adapter, data.train_kto, data.train_pairs, train_config, tokenizer,
         lambda step: heartbeat.check(), budget, batches,
@@ -303,6 +367,7 @@ def _run(
         raise
     committing = False
     try:
+        heartbeat.check()  # its time may have run out while it wrote
         # One transaction: the version, the used ratings and the run's outcome land together or
         # not at all.
         version, status, reason = _publish(
@@ -323,7 +388,7 @@ def _run(
         if landed is not True:
             session.rollback()
             if landed is False:  # (unknown: kept, the next round's clean-up decides)
-                shutil.rmtree(path, ignore_errors=True)  # this round's own directory only
+                _remove_own(path, run_id)
             raise
         log.warning("training run %s: its commit raised, but it landed", run_id)
     if activated:
@@ -435,6 +500,20 @@ def _remove_orphans(session: Session, versions_dir: Path, own_run: int | None = 
             continue
         log.warning("removed %s: no model version refers to it", directory)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _remove_own(path: Path, run_id: int) -> None:
+    """Remove the version directory this round wrote at `path`, unless it is no longer its own:
+    a round declared lost meanwhile may find its directory removed by the next round's clean-up
+    and the version name, never published, reused by that round."""
+    writer = _writer(path)
+    if writer != run_id:
+        if path.exists():
+            log.warning(
+                "training run %s: kept %s, which training run %s wrote", run_id, path, writer
+            )
+        return
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _writer(directory: Path) -> int | None:

@@ -15,8 +15,8 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainerCallback
 
-from app.ml.training_config import TokenBudget, TrainConfig
 from app.services.datasets import KtoRow, PairRow
+from app.training_config import TokenBudget, TrainConfig
 from worker.training.batches import OnBatch, no_batches, ratings_of
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,8 @@ def train_adapter(
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": [],
-        "use_cpu": True,
+        # On a GPU host (docker-compose.gpu.yml) training runs there, the gate after it too.
+        "use_cpu": not torch.cuda.is_available(),
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
         # TRL turns on bfloat16 autocast by default: on a CPU without native bfloat16 that makes

@@ -1,4 +1,4 @@
-"""Checkpoints: preparing the bundled default model and loading any causal LM directory."""
+"""Checkpoints: preparing the default model, finding the base model, loading any causal LM."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from app.config import DEFAULT_MODEL, Settings
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +139,19 @@ def load_model(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+class ModelNotPrepared(RuntimeError):
+    """The default model has not been downloaded and converted yet."""
+
+
+def base_model_dir(settings: Settings) -> Path:
+    """The directory of the configured base model."""
+    if settings.model != DEFAULT_MODEL:
+        return Path(settings.model).resolve()
+    path = (settings.models_dir / DEFAULT_SOURCE.name).resolve()
+    if not (path / "config.json").is_file():
+        raise ModelNotPrepared(
+            f"the default model is not prepared in {path}: run `python -m app.cli setup` first"
+        )
+    return path

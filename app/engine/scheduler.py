@@ -1,214 +1,38 @@
-"""Text generation: one loop per process takes requests from a bounded queue and streams tokens.
+"""The generation loop: one per process takes requests from a bounded queue and streams tokens.
 
-Requests hold a lease on the version they were rendered for from `submit` until they finish, so
-a swap never changes the weights under them. The loop batches the requests running on each
-version (continuous batching, `app/ml/batching.py`): new ones join between steps, finished ones
-leave, and a swap only means new requests go to another batch.
+A request's caller leases a version (`Engine.lease`), renders the prompt for it and submits
+both; the request holds the lease until it finishes, so a swap never changes the weights under
+it. The loop batches the requests running on each version (continuous batching,
+`app/engine/batch.py`): new ones join between steps, finished ones leave, and a swap only means
+new requests go to another batch.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Hashable, Iterator
-from contextlib import AbstractContextManager, ExitStack
-from dataclasses import dataclass, field
+from collections.abc import Hashable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
-import torch
-
-from app.ml.batching import PREFILL_CHUNK, Batch
-from app.ml.decoders import decoder_for
-from app.ml.registry import ModelRegistry, ServingVersion
+from app.engine.batch import PREFILL_CHUNK, Batch
+from app.engine.decoders import decoder_for
+from app.engine.handoff import STEP, Outbox
+from app.engine.registry import ModelRegistry, ServingVersion
+from app.engine.requests import (
+    Completion,
+    EngineBusy,
+    EngineStopped,
+    GenerationStream,
+    Lease,
+    OwnerBusy,
+    PromptTooLong,
+    SamplingParams,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample one answer."""
-
-    max_new_tokens: int = 128
-    """Upper bound on generated tokens."""
-    temperature: float = 0.7
-    """0 means greedy decoding."""
-    top_p: float = 0.95
-    """Nucleus sampling mass, in (0, 1]."""
-    seed: int | None = None
-    """Makes sampling reproducible for the same prompt, parameters and version."""
-    stop: tuple[str, ...] = ()
-    """Generation ends before the first of these strings; it is not part of the answer."""
-
-
-@dataclass(frozen=True)
-class Completion:
-    """What the model produced for one prompt, and which version produced it."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    """`stop` (the model ended or a stop string came), `length` (max_new_tokens), `cancelled`."""
-    version: ServingVersion
-    latency_ms: int
-
-
-class PromptTooLong(ValueError):
-    """The prompt (or the prompt plus the requested tokens) is more than this engine takes."""
-
-
-class EngineBusy(RuntimeError):
-    """More requests are waiting than the engine accepts; retry later."""
-
-
-class OwnerBusy(EngineBusy):
-    """The caller already has as many requests in the engine as one caller may."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine is shutting down."""
-
-
-@dataclass(eq=False)
-class GenerationStream:
-    """One request: iterate it for text as it is generated, or wait for `result()`."""
-
-    version: ServingVersion
-    input_ids: torch.Tensor
-    params: SamplingParams
-    _lease: ExitStack
-    owner: Hashable | None = None
-    """Who asked (an API key's id): the engine caps each owner's requests in flight."""
-    kv_cost: int = 0
-    """Bytes of KV cache this request reserves alone (set when the engine has a budget)."""
-    _deltas: queue.Queue[str | None] = field(default_factory=queue.Queue)
-    _done: threading.Event = field(default_factory=threading.Event)
-    _cancelled: threading.Event = field(default_factory=threading.Event)
-    _completion: Completion | None = None
-    _error: BaseException | None = None
-    _submitted: float = field(default_factory=time.perf_counter)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _handoff: asyncio.Queue[str | None] | None = None
-
-    @property
-    def prompt_tokens(self) -> int:
-        """Tokens in the rendered prompt."""
-        return int(self.input_ids.shape[1])
-
-    @property
-    def reach(self) -> int:
-        """The most tokens this request's row can hold: its prompt and its longest answer."""
-        return self.prompt_tokens + self.params.max_new_tokens
-
-    def cancel(self) -> None:
-        """Stop generating as soon as possible (a client went away); frees the engine."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether `cancel` was called."""
-        return self._cancelled.is_set()
-
-    def __iter__(self) -> Iterator[str]:
-        """Text deltas in order, until the answer is complete."""
-        while (delta := self._deltas.get()) is not None:
-            yield delta
-
-    def next_delta(self, timeout: float | None = None) -> str | None:
-        """The next piece of text, or None once the answer is complete."""
-        return self._deltas.get(timeout=timeout)
-
-    async def deltas(self) -> AsyncIterator[str]:
-        """Text deltas for an event loop: handed over by the generation thread directly,
-        without a worker thread per request waiting on a queue."""
-        loop = asyncio.get_running_loop()
-        handoff: asyncio.Queue[str | None] = asyncio.Queue()
-        with self._lock:
-            while True:
-                try:
-                    handoff.put_nowait(self._deltas.get_nowait())
-                except queue.Empty:
-                    break
-            self._loop, self._handoff = loop, handoff
-        while (delta := await handoff.get()) is not None:
-            yield delta
-
-    def _put(self, delta: str | None) -> None:
-        with self._lock:
-            if self._loop is None or self._handoff is None:
-                self._deltas.put(delta)
-                return
-            outbox: Outbox | None = getattr(_STEP, "outbox", None)
-            if outbox is not None:
-                outbox.add(self._loop, self._handoff, delta)
-                return
-            # RuntimeError: the event loop is gone (shutdown), so nobody is listening.
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._handoff.put_nowait, delta)
-
-    def result(self, timeout: float | None = None) -> Completion:
-        """The whole answer, once generated."""
-        if not self._done.wait(timeout):
-            raise TimeoutError("generation did not finish in time")
-        if self._error is not None:
-            raise self._error
-        assert self._completion is not None
-        return self._completion
-
-    def completion(self, text: str, completion_tokens: int, finish_reason: str) -> Completion:
-        """What this request produced, timed from its submission."""
-        return Completion(
-            text=text, prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
-            finish_reason=finish_reason, version=self.version,
-            latency_ms=round((time.perf_counter() - self._submitted) * 1000),
-        )  # fmt: skip
-
-    def _finish(self, completion: Completion | None, error: BaseException | None = None) -> None:
-        self._completion, self._error = completion, error
-        self._lease.close()  # the version may be recycled from here on
-        self._put(None)
-        self._done.set()
-
-
-_STEP = threading.local()  # the generation thread's outbox while it runs a step
-
-
-class Outbox:
-    """Deltas for event loops, handed over once per step.
-
-    Waking an event loop once per request and token made the loop's thread compete with the
-    matrix products for the two cores at every token of every stream; one wake-up per step
-    carries all of a step's deltas.
-    """
-
-    def __init__(self) -> None:
-        self._pending: dict[
-            asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[str | None], str | None]]
-        ] = {}
-
-    def add(
-        self, loop: asyncio.AbstractEventLoop, handoff: asyncio.Queue[str | None], delta: str | None
-    ) -> None:
-        """Queue a delta for a stream's event loop."""
-        self._pending.setdefault(loop, []).append((handoff, delta))
-
-    def flush(self) -> None:
-        """Hand every queued delta to its event loop: one wake-up per loop."""
-        pending, self._pending = self._pending, {}
-        for loop, items in pending.items():
-            # RuntimeError: the event loop is gone (shutdown), so nobody is listening.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_deliver, items)
-
-
-def _deliver(items: list[tuple[asyncio.Queue[str | None], str | None]]) -> None:
-    for handoff, delta in items:
-        handoff.put_nowait(delta)
 
 
 SHORT_REACH = 1024
@@ -293,6 +117,7 @@ class Engine:
         self._owner_kv: Counter[Hashable] = Counter()  # bytes reserved by running requests
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._in_hand: list[GenerationStream] = []  # taken from the queue, maybe in no batch yet
         self.kv_bytes = 0
         """Bytes the running requests' KV caches may take (their footprint, at admission)."""
         self.kv_allocated = 0
@@ -324,40 +149,40 @@ class Engine:
         """Requests queued and not started."""
         return len(self._waiting)
 
-    def chat_prompt(
-        self, messages: list[dict[str, str]] | str, version: ServingVersion | None = None
-    ) -> str:
-        """The exact prompt text for a conversation (or one user turn), by the chat template."""
-        tokenizer = (version or self.registry.active).tokenizer
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        rendered = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return str(rendered)
-
-    def submit(
-        self,
-        render: Callable[[ServingVersion], str],
-        params: SamplingParams,
-        lease: AbstractContextManager[ServingVersion] | None = None,
-        owner: Hashable | None = None,
-    ) -> tuple[GenerationStream, str]:
-        """Queue a request; returns its stream and the exact prompt it will run on.
-
-        `render` makes the prompt for the leased version (default: the active one). Raises
-        PromptTooLong, EngineBusy or OwnerBusy at once, holding nothing.
-        """
+    def check_admission(self, owner: Hashable | None = None) -> None:
+        """Refuse at once what `submit` would refuse before any work: EngineStopped while
+        stopping, OwnerBusy for an owner at its cap. Callers call it before they lease a
+        version and render the prompt."""
         if self._stopping.is_set():
             raise EngineStopped("the service is shutting down")
         # Refused before its prompt is rendered and tokenized: a key retrying as fast as it may
         # took a third of a core in tokenizing long prompts only to be refused, and the
         # generation thread waited for the interpreter lock behind it.
         self._check_owner(owner)
-        stack = ExitStack()
+
+    def lease(self, hold: AbstractContextManager[ServingVersion] | None = None) -> Lease:
+        """The version a request will run on, held from rendering its prompt to its last
+        token: `hold` (a version an admin named, say), by default the active one."""
+        return Lease(hold or self.registry.lease())
+
+    def submit(
+        self,
+        lease: Lease,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        owner: Hashable | None = None,
+    ) -> GenerationStream:
+        """Queue a request: `prompt` is the exact text for the leased version (its chat
+        template applied by the caller); it is tokenized here. Returns the request's stream.
+
+        Takes the lease over: the request releases it when it finishes. Raises PromptTooLong,
+        EngineBusy or OwnerBusy at once, releasing it.
+        """
+        stack = lease.take()
         try:
-            version = stack.enter_context(lease or self.registry.lease())
-            prompt = render(version)
+            self.check_admission(owner)  # before tokenizing, for callers that did not
+            version = lease.version
             # The chat template already carries the special tokens; adding more would change it.
             input_ids = version.tokenizer(
                 prompt, add_special_tokens=False, return_tensors="pt"
@@ -381,7 +206,7 @@ class Engine:
         except BaseException:
             stack.close()
             raise
-        return stream, prompt
+        return stream
 
     def _check_owner(self, owner: Hashable | None) -> None:
         """OwnerBusy if this owner already has as many requests in the engine as one may."""
@@ -438,18 +263,31 @@ class Engine:
         self, prompt: str, params: SamplingParams, version: ServingVersion | None = None
     ) -> Completion:
         """Generate one answer to a rendered prompt and wait for it (tests and benchmarks)."""
-        lease = _Held(version) if version is not None else None
-        stream, _ = self.submit(lambda _: prompt, params, lease)
+        with self.lease(nullcontext(version) if version is not None else None) as lease:
+            stream = self.submit(lease, prompt, params)
         self.start()
         return stream.result()
 
     def _loop(self) -> None:
-        _STEP.outbox = outbox = Outbox()
+        STEP.outbox = outbox = Outbox()
         try:
-            self._run(outbox)
+            while not self._stopping.is_set():
+                batches: dict[Lane, Batch] = {}
+                try:
+                    self._run(outbox, batches)
+                except Exception:  # a bug outside a step's own handling: the loop goes on
+                    log.exception("the generation loop failed; its requests fail, it restarts")
+                    failure = EngineStopped("the model failed on this request; retry")
+                    for batch in batches.values():
+                        batch.fail(failure)
+                    for stream in self._in_hand:
+                        if not stream._done.is_set():
+                            stream._finish(None, failure)
+                    outbox.flush()
+                    self._stopping.wait(0.1)  # a failure at every turn must not spin a core
         finally:
             outbox.flush()
-            _STEP.outbox = None
+            STEP.outbox = None
 
     def _admit(self, batches: dict[Lane, Batch]) -> list[GenerationStream]:
         """Take the waiting requests that fit now: batch slots and the KV-cache budget, oldest
@@ -460,6 +298,7 @@ class Engine:
             while running == 0 and not self._waiting and not self._stopping.is_set():
                 self._wake.wait()
             taken: list[GenerationStream] = []
+            self._in_hand = taken  # failed, should the loop fail before they are in a batch
             joining: dict[Lane, tuple[list[int], list[int]]] = {}  # reaches, chunked lengths
             footprints = {lane: b.footprint() for lane, b in batches.items()}
             now = time.perf_counter()
@@ -508,9 +347,8 @@ class Engine:
             self.kv_bytes = sum(footprints.values())
             return taken
 
-    def _run(self, outbox: Outbox) -> None:
+    def _run(self, outbox: Outbox, batches: dict[Lane, Batch]) -> None:
         # One batch per version (swaps never mix weights) and length (see SHORT_REACH).
-        batches: dict[Lane, Batch] = {}
         short_seconds = PART_SECONDS  # the latest timed step of the short batches together
         while not self._stopping.is_set():
             arrivals = self._admit(batches)
@@ -557,16 +395,3 @@ class Engine:
             self.kv_allocated_peak = max(self.kv_allocated_peak, self.kv_allocated)
         for batch in batches.values():
             batch.fail(EngineStopped("the service is shutting down"))
-
-
-class _Held(AbstractContextManager[ServingVersion]):
-    """A lease on a version the caller already holds."""
-
-    def __init__(self, version: ServingVersion) -> None:
-        self.version = version
-
-    def __enter__(self) -> ServingVersion:
-        return self.version
-
-    def __exit__(self, *_: object) -> None:
-        return None

@@ -1,4 +1,4 @@
-"""What a batch decodes with: the Llama-family path (`app/ml/llama.py`), transformers' otherwise.
+"""What a batch decodes with: the Llama path (`app/engine/llama/`), transformers' otherwise.
 
 A decoder holds the KV cache of one batch's rows. `prefill` adds rows, `decode` advances every
 row by one token, `keep` drops finished rows; each returns or takes rows in batch order.
@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from app.ml.llama import LlamaDecoder, Partial
+from app.engine.llama.decoder import LlamaDecoder
+from app.engine.llama.prefixes import Partial
 
 if TYPE_CHECKING:
-    from app.ml.registry import ServingVersion
+    from app.engine.registry import ServingVersion
 
 
 class Step(Protocol):

@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from app.ml.llama import LlamaWeights
+from app.engine.llama.weights import LlamaWeights
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,8 +37,10 @@ class ServingVersion:
     given): nothing to recycle, and cheap to keep once retired."""
     pack: bool = True
     """Whether decode steps run on weights arranged for speed (4-bit where the weights already
-    are, else packed copies; `app/ml/llama.py`) instead of the model's own: faster steps, for
-    more memory and build time."""
+    are, else packed copies; `app/engine/llama/weights.py`) instead of the model's own: faster
+    steps, for more memory and build time."""
+    kv_dtype: torch.dtype = torch.float32
+    """What its KV caches hold keys and values in on the Llama-family path (KV_CACHE_DTYPE)."""
     llama: LlamaWeights | None = None
     """The layers arranged for the Llama-family decode path (arranged from `model` when not
     given); None after construction: transformers' forward."""
@@ -54,7 +57,7 @@ class ServingVersion:
         object.__setattr__(self, "context_length", int(length))
         if self.llama is None:
             # Packed from the weights as they are now: a version is built before it is wrapped.
-            object.__setattr__(self, "llama", LlamaWeights.of(self.model, self.pack))
+            object.__setattr__(self, "llama", LlamaWeights.of(self.model, self.pack, self.kv_dtype))
 
 
 class NoModelLoaded(RuntimeError):

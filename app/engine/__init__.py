@@ -1,0 +1,1 @@
+"""The engine: everything that turns tokens into tokens; no web, database or worker code."""

@@ -1,1 +1,0 @@
-"""Model code: loading checkpoints, generating text, holding the active version."""

@@ -38,8 +38,8 @@ browser:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-## nginx: Debian's nginx for the proxy tests (tests/test_proxy.py starts its own, on a free
-## port, with deploy/nginx/default.conf); the package's own service is not needed, so it is
+## nginx: Debian's nginx for the proxy tests (tests/deploy/test_proxy.py starts its own, on a
+## free port, with deploy/nginx/default.conf); the package's own service is not needed, so it is
 ## stopped and disabled where systemd started it
 nginx:
 	@test -x /usr/sbin/nginx || { \

@@ -245,7 +245,7 @@ def train(inline: bool, wait: bool) -> None:
         else:
             try:
                 run, created = training.start_run(
-                    session, TaskQueue(settings), requested_by_id=None, config={},
+                    session, queue=TaskQueue(settings), requested_by_id=None, config={},
                     stale_after=settings.training_stale_after,
                     max_row_failures=settings.training_max_row_failures,
                 )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Schemathesis, longer: tests/test_schema_fuzz.py with more examples per operation, new random
+"""Schemathesis, longer: tests/api/test_schema_fuzz.py with more examples per operation, new random
 inputs each run, on PostgreSQL and SQLite. Prints, per operation and database, the cases sent,
 the status codes answered and whether every check passed; then each failure in full (with the
 curl command that reproduces it). Exits 1 when any operation failed.
@@ -51,7 +51,7 @@ def main() -> None:
     os.environ["FUZZ_DATABASES"] = args.databases
     os.environ["FUZZ_RANDOM"] = "0" if args.fixed else "1"
     summary = Summary()
-    command = ["tests/test_schema_fuzz.py", "-q", "-p", "no:cacheprovider", "--timeout", "0"]
+    command = ["tests/api/test_schema_fuzz.py", "-q", "-p", "no:cacheprovider", "--timeout", "0"]
     if args.select:
         command += ["-k", args.select]
     started = time.monotonic()
@@ -59,7 +59,7 @@ def main() -> None:
     code = pytest.main(command, plugins=[summary])
     elapsed = time.monotonic() - started
 
-    module = sys.modules.get("tests.test_schema_fuzz")
+    module = sys.modules.get("tests.api.test_schema_fuzz")
     statuses: Counter[tuple[str, int]] = getattr(module, "STATUSES", Counter())
     by_operation: dict[str, Counter[int]] = defaultdict(Counter)
     for (operation, status), count in statuses.items():

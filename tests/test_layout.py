@@ -1,6 +1,7 @@
 """The import rules between the packages, read from the source with `ast` (function-level imports
 included): the engine imports no web, database or worker code; the worker never imports the web
-app; services hold no model code; routers no torch."""
+app; services hold no model code; routers no torch; no test module imports another (shared code
+is in tests/conftest.py and tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 
 RULES = {
     "app/engine": (
@@ -89,3 +90,103 @@ def test_the_rules_see_every_kind_of_import() -> None:
     assert (5, "sqlalchemy.orm") in found
     assert _within("app.services.hotswap", "app.services")
     assert not _within("app.servicesx", "app.services")
+
+
+SHARED = ("tests.conftest", "tests.helpers")
+"""The only modules of the suite a file under tests/ may import."""
+
+
+def suite_imports(source: str, package: list[str]) -> list[tuple[int, str]]:
+    """The imports in `source` of a test module, or of any module of the suite but `SHARED`."""
+    found = []
+    for line, module in imports(source, package):
+        inside = _within(module, "tests") and module != "tests"
+        named = any(part.startswith("test_") for part in module.split("."))
+        if (inside or named) and not any(_within(module, shared) for shared in SHARED):
+            found.append((line, module))
+    return found
+
+
+def test_no_test_module_imports_another() -> None:
+    """Helpers that several test modules use live in tests/helpers.py (fixtures in conftest.py),
+    so that a test module can move or go without breaking another one."""
+    assert suite_imports(
+        "from tests.conftest import IsolatedSettings\n"
+        "from tests.helpers import FAST\n"
+        "from tests import helpers\n"
+        "from tests.training.test_training import start\n"
+        "from .test_roles import routes\n"
+        "def f():\n"
+        "    import tests.test_poisoning\n",
+        ["tests", "api"],
+    ) == [
+        (4, "tests.training.test_training"),
+        (4, "tests.training.test_training.start"),
+        (5, "tests.api.test_roles"),
+        (5, "tests.api.test_roles.routes"),
+        (7, "tests.test_poisoning"),
+    ]
+    found = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for line, module in suite_imports(path.read_text(), _package_of(path)):
+            found.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert found == []
+
+
+VERSION_STATUS_WRITER = "app/services/versions.py"
+"""The one module that writes a model version's status (publication, activation, refusal)."""
+
+
+def version_status_writes(source: str) -> list[int]:
+    """Lines that write a version's status: an assignment of a `VersionStatus` member or of a
+    `status_reason`, or a `status=VersionStatus.…` argument (a row built, an UPDATE's values)."""
+
+    def names_a_version_status(node: ast.AST) -> bool:
+        return any(
+            isinstance(sub, ast.Attribute)
+            and isinstance(sub.value, ast.Name)
+            and sub.value.id == "VersionStatus"
+            for sub in ast.walk(node)
+        )
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            attrs = {
+                sub.attr for t in targets for sub in ast.walk(t) if isinstance(sub, ast.Attribute)
+            }
+            if "status_reason" in attrs or (
+                "status" in attrs and node.value is not None and names_a_version_status(node.value)
+            ):
+                found.append(node.lineno)
+        elif (
+            isinstance(node, ast.keyword)
+            and node.arg == "status"
+            and names_a_version_status(node.value)
+        ):
+            found.append(node.value.lineno)
+    return sorted(set(found))
+
+
+def test_only_the_versions_service_writes_a_version_status() -> None:
+    """Every write of a version's status is in app/services/versions.py: the worker publishes
+    through `publish_version`, the hot swap refuses through `refuse` (docs/architecture.md)."""
+    assert version_status_writes(
+        "row.status = VersionStatus.refused\n"
+        "row.status, row.status_reason = VersionStatus.rejected, why\n"
+        "run.status = RunStatus.failed\n"
+        "ModelVersion(name=n, status=VersionStatus.candidate)\n"
+        "update(ModelVersion).values(status=VersionStatus.retired)\n"
+        "transition(session, run_id=1, expected=RunStatus.running, status=RunStatus.failed)\n"
+        "ModelVersionPublic(status=row.status, status_reason=row.status_reason)\n"
+    ) == [1, 2, 4, 5]
+    found = []
+    for folder in ("app", "worker"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.relative_to(ROOT).as_posix() == VERSION_STATUS_WRITER:
+                continue
+            for line in version_status_writes(path.read_text()):
+                found.append(f"{path.relative_to(ROOT)}:{line}")
+    assert found == []
+    assert version_status_writes((ROOT / VERSION_STATUS_WRITER).read_text())

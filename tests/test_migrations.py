@@ -17,7 +17,7 @@ from app.db import Base, make_engine, make_sessionmaker
 from app.migrate import alembic_config, is_current, upgrade
 from app.models import Winner
 from tests.conftest import PG_ADMIN_URL, IsolatedSettings, reset_database
-from tests.test_poisoning import Ratings
+from tests.helpers import Ratings
 
 
 @pytest.mark.parametrize("backend", ["pg_url", "sqlite_url"])

@@ -85,15 +85,11 @@ def test_a_process_the_suite_starts_gets_the_settings_and_nothing_else(
     assert Settings().model_dump() == settings.model_dump()
 
 
-def test_the_suites_workers_and_settings_builders_ignore_the_environment(
-    settings: Settings,
-) -> None:
-    """The workers test_worker_rounds (and test_faults) start, and the round rules of
-    test_poisoning, are the tests' own, whatever the environment holds."""
-    from tests.test_poisoning import rules
-    from tests.test_worker_rounds import _env
+def test_the_suites_settings_builders_ignore_the_environment() -> None:
+    """The round rules of `tests.helpers.rules` (test_poisoning's) are the tests' own, whatever
+    the environment holds; the workers the suite starts get `settings_environment` (above)."""
+    from tests.helpers import rules
 
-    assert _env(settings) == settings_environment(settings)
     defaults = defaults_of(FIELDS)
     assert {name: getattr(rules(), name) for name in FIELDS} == defaults
     assert rules(training_min_items=3).training_min_items == 3
@@ -105,12 +101,14 @@ def test_no_test_builds_settings_that_read_the_environment() -> None:
     `settings_environment` instead."""
     tests = Path(__file__).parent
     offenders = []
-    for module in sorted(tests.glob("test_*.py")):
-        if module.name == Path(__file__).name:
+    for module in sorted(tests.rglob("*.py")):
+        if module == Path(__file__):
             continue
+        name = module.relative_to(tests).as_posix()
         source = module.read_text()
         if re.search(r"\bSettings\(\s*_env_file", source):
-            offenders.append(f"{module.name}: Settings(_env_file=None, ...)")
+            offenders.append(f"{name}: Settings(_env_file=None, ...)")
         if "worker.celery_app" in source and "**os.environ" in source:
-            offenders.append(f"{module.name}: a worker's environment from **os.environ")
+            offenders.append(f"{name}: a worker's environment from **os.environ")
+    assert len(list(tests.rglob("test_*.py"))) > 30, "the walk found the test modules"
     assert offenders == []

@@ -35,7 +35,7 @@ def start_run(
     if body is not None and body.gate is not None:
         config["gate"] = body.gate.to_dict()
     run, created = training.start_run(
-        session, queue, requested_by_id=key.id, config=config,
+        session, queue=queue, requested_by_id=key.id, config=config,
         stale_after=settings.training_stale_after,
         max_row_failures=settings.training_max_row_failures,
     )  # fmt: skip

@@ -30,6 +30,7 @@ from app.services.versions import (
     base_of,
     ensure_base_version,
     get_by_name,
+    refuse,
 )
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 def load_base_version(session: Session, settings: Settings) -> ServingVersion:
     """Register the configured base model as a version if needed, and load it."""
     path = base_model_dir(settings)
-    base = base_of(session, ensure_base_version(session, settings.model, str(path)))
+    base = base_of(session, ensure_base_version(session, base_model=settings.model, path=str(path)))
     return build_base_version(
         base.id, base.name, path, settings.model_dtype, settings.kv_cache_dtype
     )
@@ -179,9 +180,7 @@ class VersionFollower:
     def _refuse(self, session: Session, row: ModelVersion, reason: str) -> None:
         """Mark a version that cannot be loaded as refused and put back what this process serves."""
         log.error("refused model version %s: %s", row.name, reason)
-        row.status = VersionStatus.refused
-        row.status_reason = reason
-        session.flush()
+        refuse(session, version=row, reason=reason)
         serving = session.get(ModelVersion, self.registry.active.id)
         if serving is not None and serving.status is not VersionStatus.refused:
             activate(session, serving)

@@ -29,9 +29,9 @@ def live_run(session: Session) -> TrainingRun | None:
 
 def transition(
     session: Session,
+    *,
     run_id: int,
     expected: RunStatus,
-    *,
     when: Sequence[ColumnElement[bool]] = (),
     **values: Any,
 ) -> bool:
@@ -53,28 +53,31 @@ def transition(
 
 def finish(
     session: Session,
+    *,
     run_id: int,
     expected: RunStatus,
     status: RunStatus,
     reason: str | None = None,
-    *,
     when: Sequence[ColumnElement[bool]] = (),
 ) -> bool:
     """Move a run from `expected` to a final state; True when it was still `expected` (the
     caller commits)."""
     return transition(
-        session, run_id, expected, when=when,
+        session, run_id=run_id, expected=expected, when=when,
         status=status, reason=reason, finished_at=utcnow(), live=None,
     )  # fmt: skip
 
 
-def add_to_reason(session: Session, run_id: int, status: RunStatus, reason: str, note: str) -> bool:
+def add_to_reason(
+    session: Session, *, run_id: int, status: RunStatus, reason: str, note: str
+) -> bool:
     """Append `note` to the reason of a run this process just finished as `status` with `reason`,
     only while it still is exactly that (the caller commits); when another process changed the
     run meanwhile, log it and leave what that process wrote."""
     if transition(
-        session, run_id, status, when=[TrainingRun.reason == reason], reason=f"{reason}; {note}"
-    ):
+        session, run_id=run_id, expected=status, when=[TrainingRun.reason == reason],
+        reason=f"{reason}; {note}",
+    ):  # fmt: skip
         return True
     log.warning(
         "training run %s changed since it was %s (%s): not adding %r to its reason",
@@ -88,7 +91,7 @@ def claim(session: Session, run_id: int) -> bool:
     or it is no longer queued."""
     now = utcnow()
     claimed = transition(
-        session, run_id, RunStatus.queued,
+        session, run_id=run_id, expected=RunStatus.queued,
         status=RunStatus.running, started_at=now, heartbeat_at=now,
     )  # fmt: skip
     session.commit()
@@ -96,14 +99,14 @@ def claim(session: Session, run_id: int) -> bool:
 
 
 def fail_if_stale(
-    session: Session, run: TrainingRun, stale_after: float, max_row_failures: int = 2
+    session: Session, *, run: TrainingRun, stale_after: float, max_row_failures: int = 2
 ) -> bool:
     """Declare lost (commits) a running round whose worker stopped beating, charging the
     ratings of the batch it was computing on, if any (`charge_failure`), or a round still queued
     `stale_after` seconds after it was queued (its task was lost, or no worker is consuming);
     True when this call did."""
     if run.status is RunStatus.queued:
-        return _fail_if_never_taken(session, run, stale_after)
+        return _fail_if_never_taken(session, run=run, stale_after=stale_after)
     if run.status is not RunStatus.running:
         return False
     last = run.heartbeat_at or run.started_at or run.created_at
@@ -113,21 +116,24 @@ def fail_if_stale(
     reason = f"worker lost: no heartbeat since {last.isoformat()}"
     # Conditional on staleness too: a beat that landed since the read keeps the round alive.
     stale = or_(TrainingRun.heartbeat_at.is_(None), TrainingRun.heartbeat_at < cutoff)
-    if not finish(session, run.id, RunStatus.running, RunStatus.failed, reason, when=[stale]):
+    if not finish(
+        session, run_id=run.id, expected=RunStatus.running, status=RunStatus.failed,
+        reason=reason, when=[stale],
+    ):  # fmt: skip
         session.rollback()
         session.refresh(run)
         return False
     # Read after the update, which holds the row: the batch as the round last recorded it.
     batch = session.scalar(select(TrainingRun.batch_ids).where(TrainingRun.id == run.id))
-    note = charge_failure(session, run.id, batch, max_row_failures)
+    note = charge_failure(session, run_id=run.id, batch=batch, limit=max_row_failures)
     if note:
-        add_to_reason(session, run.id, RunStatus.failed, reason, note)
+        add_to_reason(session, run_id=run.id, status=RunStatus.failed, reason=reason, note=note)
     session.commit()
     session.refresh(run)
     return True
 
 
-def _fail_if_never_taken(session: Session, run: TrainingRun, stale_after: float) -> bool:
+def _fail_if_never_taken(session: Session, *, run: TrainingRun, stale_after: float) -> bool:
     """Fail a queued round no worker claimed within `stale_after` seconds (commits). Its task, if
     it still turns up, finds the run no longer queued and exits; the round took no ratings."""
     cutoff = utcnow() - timedelta(seconds=stale_after)
@@ -140,14 +146,17 @@ def _fail_if_never_taken(session: Session, run: TrainingRun, stale_after: float)
     )
     # Conditional on the status: a worker that claims it at this moment keeps it.
     old = [TrainingRun.created_at < cutoff]
-    failed = finish(session, run.id, RunStatus.queued, RunStatus.failed, reason, when=old)
+    failed = finish(
+        session, run_id=run.id, expected=RunStatus.queued, status=RunStatus.failed,
+        reason=reason, when=old,
+    )  # fmt: skip
     session.commit()
     session.refresh(run)
     return failed
 
 
 def charge_failure(
-    session: Session, run_id: int, batch: dict[str, list[int]] | None, limit: int
+    session: Session, *, run_id: int, batch: dict[str, list[int]] | None, limit: int
 ) -> str | None:
     """Count a failed round against the ratings of the batch it was computing on (`batch`, as
     `TrainingRun.batch_ids`; None: it failed outside any batch, and nothing is charged), and set
@@ -205,7 +214,7 @@ def request_run(
     for _ in range(2):
         current = live_run(session)
         if current is not None and not fail_if_stale(
-            session, current, stale_after, max_row_failures
+            session, run=current, stale_after=stale_after, max_row_failures=max_row_failures
         ):
             return current, False
         active = active_version(session)
@@ -232,8 +241,8 @@ def request_run(
 
 def start_run(
     session: Session,
-    queue: TaskQueue,
     *,
+    queue: TaskQueue,
     requested_by_id: int | None,
     config: dict[str, Any],
     stale_after: float,
@@ -249,7 +258,10 @@ def start_run(
             queue.enqueue("training.run_round", run.id)
         except Exception as exc:  # broker down: do not leave a live round nobody will run
             reason = f"could not reach the task broker: {exc}"
-            failed = finish(session, run.id, RunStatus.queued, RunStatus.failed, reason)
+            failed = finish(
+                session, run_id=run.id, expected=RunStatus.queued, status=RunStatus.failed,
+                reason=reason,
+            )  # fmt: skip
             session.commit()
             session.refresh(run)
             if not failed:

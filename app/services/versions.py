@@ -1,7 +1,14 @@
-"""Model versions in the database: the base version and which one is active."""
+"""Model versions in the database: the base version, publication and which one is active.
+
+Every write of a version's status is here: `publish_version` (a round's candidate, rejected or
+promoted), `promote` (the compare-and-set every activation goes through), `activate` and
+`activate_by_name` (an admin's choice), `refuse` (files that cannot be served).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,10 +33,11 @@ def active_version(session: Session) -> ModelVersion | None:
 
 
 def promote(
-    session: Session, version: ModelVersion, expected_id: int | None
+    session: Session, *, version: ModelVersion, expected_id: int | None
 ) -> ModelVersion | None:
-    """Compare-and-set: make `version` active if `expected_id` still is (None: if none is); else
-    return the version active instead and change nothing (the caller commits).
+    """Compare-and-set, the one way a version becomes active (an admin's activation, a round's
+    promotion, the base at start-up): make `version` active if `expected_id` still is (None: if
+    none is); else return the version active instead and change nothing (the caller commits).
 
     None means `version` is active now. When `expected_id` is no longer active and no other
     version is either (a process refused it meanwhile), no choice would be overwritten: `version`
@@ -60,7 +68,7 @@ def activate(session: Session, version: ModelVersion) -> ModelVersion:
     Conflict when another activation changed it meanwhile."""
     current = active_version(session)
     try:
-        winner = promote(session, version, current.id if current else None)
+        winner = promote(session, version=version, expected_id=current.id if current else None)
         if winner is None:
             session.commit()
             return version
@@ -69,6 +77,71 @@ def activate(session: Session, version: ModelVersion) -> ModelVersion:
     session.rollback()
     now = f" ({winner.name} is active now)" if winner else ""
     raise Conflict(f"the active version changed at the same moment{now}; try again")
+
+
+@dataclass(frozen=True)
+class Published:
+    """What `publish_version` did with a new version."""
+
+    version: ModelVersion
+    promoted: bool
+    """Whether it is the active version now."""
+    rejected: bool
+    """Whether it failed the gate (its status is `rejected`)."""
+    reason: str | None
+    """Why it is not active: the gate's reasons, or the admin's activation that won; None when
+    promoted."""
+
+
+def publish_version(
+    session: Session,
+    *,
+    name: str,
+    base_model: str,
+    path: Path,
+    parent: ModelVersion,
+    manifest: dict[str, Any],
+    gate_reasons: Sequence[str],
+) -> Published:
+    """Add a trained adapter version on `parent`, whose files are at `path` with `manifest`
+    (the row keeps it less the ids of the ratings used), and settle its status (the caller
+    commits): `rejected`, with the gate's reasons, when it failed the gate; else promoted by
+    the same compare-and-set as an admin's activation, against `parent`. An admin's choice made
+    since `parent` was read wins: the version stays a `candidate` and its reason (returned too)
+    says so."""
+    parent_id, parent_name = parent.id, parent.name
+    version = ModelVersion(
+        name=name,
+        kind=VersionKind.adapter,
+        base_model=base_model,
+        path=str(path.resolve()),
+        parent_id=parent_id,
+        status=VersionStatus.candidate,
+        manifest={k: v for k, v in manifest.items() if k != "data"},
+    )
+    session.add(version)
+    session.flush()
+    if gate_reasons:
+        reason = "; ".join(gate_reasons)
+        version.status, version.status_reason = VersionStatus.rejected, reason
+        return Published(version, promoted=False, rejected=True, reason=reason)
+    winner = promote(session, version=version, expected_id=parent_id)
+    if winner is None:
+        return Published(version, promoted=True, rejected=False, reason=None)
+    reason = (
+        f"not promoted: an admin activated {winner.name} during the round (it started from "
+        f"{parent_name}); {name} stays a candidate"
+    )
+    version.status_reason = reason
+    return Published(version, promoted=False, rejected=False, reason=reason)
+
+
+def refuse(session: Session, *, version: ModelVersion, reason: str) -> None:
+    """Mark a version whose files cannot be served `refused`, with why (flushed; the caller
+    commits). A refused version is never active: the caller activates another if it was."""
+    version.status = VersionStatus.refused
+    version.status_reason = reason
+    session.flush()
 
 
 def _update(session: Session, where: list[Any], **values: Any) -> bool:
@@ -95,8 +168,7 @@ def activate_by_name(session: Session, *, name: str, base_model: str) -> ModelVe
         try:
             verify_checkpoint(Path(version.path))
         except CorruptCheckpoint as exc:
-            version.status = VersionStatus.refused
-            version.status_reason = str(exc)
+            refuse(session, version=version, reason=str(exc))
             session.commit()
             raise Conflict(f"version {name!r} cannot be served: {exc}") from None
     return activate(session, version)
@@ -128,7 +200,7 @@ def next_name(session: Session) -> str:
     return f"v{count}"
 
 
-def ensure_base_version(session: Session, base_model: str, path: str) -> ModelVersion:
+def ensure_base_version(session: Session, *, base_model: str, path: str) -> ModelVersion:
     """The active version built on `base_model`, registering and activating the base if needed.
 
     When the configured base model changed since the last start, its base version becomes active
@@ -157,5 +229,5 @@ def ensure_base_version(session: Session, base_model: str, path: str) -> ModelVe
         activate(session, base)
     except (IntegrityError, Conflict):  # another process registered or activated at that moment
         session.rollback()
-        return ensure_base_version(session, base_model, path)
+        return ensure_base_version(session, base_model=base_model, path=path)
     return base

@@ -38,7 +38,6 @@ from app.models import (
     RunStatus,
     TrainingRun,
     VersionKind,
-    VersionStatus,
 )
 from app.models.training_run import LIVE_STATUSES
 from app.services.notify import announce_activation
@@ -50,7 +49,7 @@ from app.services.training import (
     finish,
     transition,
 )
-from app.services.versions import active_version, next_name, promote
+from app.services.versions import Published, active_version, next_name, publish_version
 from app.training_config import GateConfig, TokenBudget, TrainConfig
 from worker.training.batches import RatingIds, ratings_of
 from worker.training.dataset import RoundData, build_round_data
@@ -201,8 +200,9 @@ class Heartbeat:
             try:
                 with self.sessions() as session:
                     alive = transition(
-                        session, self.run_id, RunStatus.running, heartbeat_at=utcnow()
-                    )
+                        session, run_id=self.run_id, expected=RunStatus.running,
+                        heartbeat_at=utcnow(),
+                    )  # fmt: skip
                     session.commit()
             except Exception as exc:  # a database blip: the next beat retries; staleness decides
                 log.warning("heartbeat of training run %s failed: %s", self.run_id, exc)
@@ -224,8 +224,9 @@ def run_round(sessions: sessionmaker[Session], settings: Settings, run_id: int) 
             # A redelivery after its worker died, or a duplicate of a live round: never a second
             # run of it; a stale one is declared lost, so that the next round can start.
             fail_if_stale(
-                session, run, settings.training_stale_after, settings.training_max_row_failures
-            )
+                session, run=run, stale_after=settings.training_stale_after,
+                max_row_failures=settings.training_max_row_failures,
+            )  # fmt: skip
         if not claim(session, run_id):
             session.refresh(run)
             log.info("training run %s is %s, not queued: not running it", run_id, run.status)
@@ -251,7 +252,10 @@ def _fail(
     session: Session, settings: Settings, run_id: int, exc: Exception, progress: Progress
 ) -> RunStatus:
     reason = f"{type(exc).__name__} in {progress.phase}: {exc}"
-    if not finish(session, run_id, RunStatus.running, RunStatus.failed, reason):
+    if not finish(
+        session, run_id=run_id, expected=RunStatus.running, status=RunStatus.failed,
+        reason=reason,
+    ):  # fmt: skip
         session.rollback()  # declared lost meanwhile: whoever did so charged the batch
         log.warning("training run %s was no longer running: not recording %r", run_id, reason)
         return RunStatus.failed
@@ -259,16 +263,18 @@ def _fail(
     # A round that ran out of time while still making progress was slow, not stopped by one
     # batch: nobody is charged (one that hung in a batch is declared lost, and that is charged).
     batch = None if isinstance(exc, RoundTimedOut) else progress.batch
-    note = charge_failure(session, run_id, batch, settings.training_max_row_failures)
+    note = charge_failure(
+        session, run_id=run_id, batch=batch, limit=settings.training_max_row_failures
+    )
     if note:
-        add_to_reason(session, run_id, RunStatus.failed, reason, note)
+        add_to_reason(session, run_id=run_id, status=RunStatus.failed, reason=reason, note=note)
     session.commit()
     return RunStatus.failed
 
 
 def _while_running(session: Session, run_id: int, **values: Any) -> None:
     """Record `values` on the run, or raise RoundLost if it is no longer running."""
-    if not transition(session, run_id, RunStatus.running, **values):
+    if not transition(session, run_id=run_id, expected=RunStatus.running, **values):
         raise RoundLost(f"training run {run_id} is no longer running")
 
 
@@ -296,7 +302,10 @@ def _run(
             f"only {data.train_size} new usable ratings to train on; the minimum is "
             f"{settings.training_min_items} (TRAINING_MIN_ITEMS)"
         )
-        if not finish(session, run_id, RunStatus.running, RunStatus.skipped, too_few):
+        if not finish(
+            session, run_id=run_id, expected=RunStatus.running, status=RunStatus.skipped,
+            reason=too_few,
+        ):  # fmt: skip
             raise RoundLost(f"training run {run_id} is no longer running")
         session.commit()
         return RunStatus.skipped
@@ -370,15 +379,16 @@ def _run(
         heartbeat.check()  # its time may have run out while it wrote
         # One transaction: the version, the used ratings and the run's outcome land together or
         # not at all.
-        version, status, reason = _publish(
-            session, settings, run_id, parent, name, path, manifest, verdict.reasons, data
-        )
-        _while_running(
-            session, run_id, status=status, reason=reason, finished_at=utcnow(), live=None,
-            version_id=version.id, metrics=metrics, history=trained.history,
+        published, status = _publish(
+            session, settings=settings, run_id=run_id, parent=parent, name=name, path=path,
+            manifest=manifest, gate_reasons=verdict.reasons, data=data,
         )  # fmt: skip
         # Read before the commit: nothing after it needs the database.
-        version_id, activated = version.id, version.status is VersionStatus.active
+        version_id, activated = published.version.id, published.promoted
+        _while_running(
+            session, run_id, status=status, reason=published.reason, finished_at=utcnow(),
+            live=None, version_id=version_id, metrics=metrics, history=trained.history,
+        )  # fmt: skip
         committing = True
         session.commit()
     except BaseException:
@@ -412,6 +422,7 @@ def _landed(session: Session, run_id: int, version_id: int) -> bool | None:
 
 def _publish(
     session: Session,
+    *,
     settings: Settings,
     run_id: int,
     parent: ModelVersion,
@@ -420,38 +431,19 @@ def _publish(
     manifest: dict[str, Any],
     gate_reasons: list[str],
     data: RoundData,
-) -> tuple[ModelVersion, RunStatus, str | None]:
-    """Add the version and mark its ratings used; promote it if it passed the gate and the
-    active version is still its parent (the caller commits)."""
+) -> tuple[Published, RunStatus]:
+    """Mark the round's ratings used and publish its version (`publish_version`: rejected, or
+    promoted if the active version is still its parent), while the run is still running; the
+    run's status to record with it (the caller commits)."""
     # The run's row first: it stays locked until the commit, so nobody declares the round lost
     # halfway (the same order as fail_if_stale: the run, then the ratings).
     _while_running(session, run_id, heartbeat_at=utcnow())
-    parent_name = parent.name
-    version = ModelVersion(
-        name=name,
-        kind=VersionKind.adapter,
-        base_model=settings.model,
-        path=str(path.resolve()),
-        parent_id=parent.id,
-        status=VersionStatus.candidate,
-        manifest={k: v for k, v in manifest.items() if k != "data"},
-    )
-    session.add(version)
-    session.flush()
     mark_used(session, *data.used_ids(), run_id)
-    if gate_reasons:
-        reason = "; ".join(gate_reasons)
-        version.status, version.status_reason = VersionStatus.rejected, reason
-        return version, RunStatus.rejected, reason
-    winner = promote(session, version, parent.id)
-    if winner is None:
-        return version, RunStatus.succeeded, None
-    reason = (
-        f"not promoted: an admin activated {winner.name} during the round (it started from "
-        f"{parent_name}); {name} stays a candidate"
-    )
-    version.status_reason = reason
-    return version, RunStatus.succeeded, reason
+    published = publish_version(
+        session, name=name, base_model=settings.model, path=path, parent=parent,
+        manifest=manifest, gate_reasons=gate_reasons,
+    )  # fmt: skip
+    return published, RunStatus.rejected if published.rejected else RunStatus.succeeded
 
 
 def taken_ids(data: RoundData) -> RatingIds:

@@ -19,15 +19,10 @@ from app.services.training import request_run
 from app.state import app_state
 from app.training_config import TokenBudget, TrainConfig
 from tests.conftest import reset_database
+from tests.helpers import FAST, QUICK_GATE, RATED, rate_with_corrections, start
 from worker.training import train
 from worker.training.rounds import run_round
 from worker.training.train import micro_batches, train_adapter, truncate_row
-
-BETTER = "Certainly! Here is a short, friendly answer."
-# Rounds on the tiny model stay fast: few ratings, one pass, short gate answers.
-FAST = {"learning_rate": 1e-2, "epochs": 1, "batch_size": 8}
-QUICK_GATE = {"max_new_tokens": 8}
-RATED = 10
 
 
 @pytest.fixture
@@ -41,29 +36,6 @@ def db_url(pg_url: str) -> str:
 def settings(settings: Settings) -> Settings:
     """A small minimum, so rounds on the tiny model need only a few ratings."""
     return settings.model_copy(update={"training_min_items": 4})
-
-
-def rate_with_corrections(client: TestClient, headers: dict[str, str], count: int) -> list[int]:
-    """`count` generations, each rated down and corrected to the same better answer."""
-    ids = []
-    for i in range(count):
-        body = {"prompt": f"Question number {i}?", "max_new_tokens": 6, "seed": i}
-        generation = client.post("/v1/generate", json=body, headers=headers).json()
-        ids.append(generation["id"])
-        response = client.post(
-            "/v1/feedback",
-            json={"generation_id": generation["id"], "thumbs": "down", "correction": BETTER},
-            headers=headers,
-        )
-        assert response.status_code == 201, response.text
-    return ids
-
-
-def start(sessions: Any, config: dict[str, Any] | None = None) -> int:
-    with sessions() as session:
-        run, created = request_run(session, trigger="manual", config=config or {})
-        assert created
-        return run.id
 
 
 def test_a_round_trains_gates_and_activates_an_adapter(

@@ -5,21 +5,17 @@ queue (everyone's), an admin key everything, and only admins see per-rater figur
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
-from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.routing import Mount
 
 from app.models import ApiKey, Feedback, RunStatus, Thumbs, TrainingRun
 from app.services.keys import hash_key
+from tests.helpers import Route, routes, url
 
-Route = tuple[str, str]
 Headers = dict[str, str]
 Sessions = sessionmaker[Session]
 
@@ -33,7 +29,6 @@ PUBLIC: set[Route] = {
     ("GET", "/docs/oauth2-redirect"),
     ("GET", "/redoc"),
 }
-PUBLIC_MOUNTS = {"/static", "/static-offline-docs"}  # the pages' and the docs' own files
 ADMIN: set[Route] = {
     ("POST", "/v1/keys"),
     ("GET", "/v1/keys"),
@@ -65,30 +60,12 @@ USER: set[Route] = {
 }
 
 
-def routes(app: FastAPI) -> set[Route]:
-    """(method, path) of every route the app serves, included routers flattened."""
-    found = set()
-    for route in iter_route_contexts(app.routes):
-        if isinstance(route.original_route, Mount):
-            assert route.path in PUBLIC_MOUNTS, f"unexpected mount {route.path}"
-            continue
-        for method in route.methods or ():
-            if method != "HEAD":
-                found.add((method, route.path))
-    return found
-
-
-def url(path: str) -> str:
-    """The path with every parameter filled in."""
-    return re.sub(r"\{[^}]+\}", "1", path)
-
-
 def test_every_route_is_classified(client: TestClient) -> None:
     """A new route must be listed as public, admin or user here, so the tests below cover it."""
     unlisted = routes(client.app) - PUBLIC - ADMIN - USER  # type: ignore[arg-type]
-    assert not unlisted, f"classify these routes in tests/test_roles.py: {sorted(unlisted)}"
+    assert not unlisted, f"classify these routes in tests/api/test_roles.py: {sorted(unlisted)}"
     gone = (PUBLIC | ADMIN | USER) - routes(client.app)  # type: ignore[arg-type]
-    assert not gone, f"no longer served, remove from tests/test_roles.py: {sorted(gone)}"
+    assert not gone, f"no longer served, remove from tests/api/test_roles.py: {sorted(gone)}"
 
 
 def test_no_key_or_a_bad_key_gets_401(client: TestClient) -> None:

@@ -12,54 +12,21 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from app.config import Settings
-from app.engine.checkpoints import MANIFEST, sha256_file, write_checkpoint
+from app.engine.checkpoints import MANIFEST, sha256_file
 from app.engine.decoders import decoder_for
 from app.engine.loading import load_model
 from app.engine.lora import ADAPTER_WEIGHTS, merge_lora
 from app.engine.registry import ModelRegistry, ServingVersion
 from app.engine.versions import adapter_dtype, load_adapter_version
-from app.models import ModelVersion, VersionKind, VersionStatus
-from app.services.versions import activate, get_by_name, next_name
+from app.services.versions import activate, get_by_name
 from app.state import app_state
+from tests.helpers import publish_adapter
 
 GREEDY = {"prompt": "Tell me about the sea.", "max_new_tokens": 12, "temperature": 0}
-
-
-def publish_adapter(
-    sessions: Any, settings: Settings, seed: int, use_dora: bool = False, scale: float = 1.0
-) -> str:
-    """A candidate version with random, non-zero LoRA weights, as a round would write it."""
-    torch.manual_seed(seed)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch.float32)
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-        init_lora_weights=False, use_dora=use_dora,
-    )  # fmt: skip
-    adapter = get_peft_model(model, config)
-    if scale != 1.0:
-        with torch.no_grad():
-            for name, parameter in adapter.named_parameters():
-                if "lora_" in name:
-                    parameter.mul_(scale)
-    with sessions() as session:
-        name = next_name(session)
-        parent = session.query(ModelVersion).filter_by(kind=VersionKind.base).one()
-        path = write_checkpoint(
-            settings.versions_dir, name, lambda d: adapter.save_pretrained(str(d)),
-            {"name": name, "kind": "adapter", "parent": parent.name},
-        )  # fmt: skip
-        session.add(ModelVersion(
-            name=name, kind=VersionKind.adapter, base_model=settings.model, path=str(path),
-            parent_id=parent.id, status=VersionStatus.candidate, manifest={},
-        ))  # fmt: skip
-        session.commit()
-    return name
 
 
 def switch_to(client: TestClient, sessions: Any, name: str) -> None:

@@ -28,7 +28,7 @@ from tests.conftest import (
     stop_process,
     wait_until,
 )
-from tests.test_training import FAST, QUICK_GATE, rate_with_corrections
+from tests.helpers import FAST, QUICK_GATE, rate_with_corrections
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -57,11 +57,6 @@ def settings(request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path: Pat
     )
 
 
-def _env(settings: Settings) -> dict[str, str]:
-    """A worker's environment: the test's settings, none of the caller's."""
-    return settings_environment(settings)
-
-
 @pytest.fixture
 def start_worker(
     settings: Settings, tmp_path: Path
@@ -74,7 +69,7 @@ def start_worker(
         process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
              "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
-            env=_env(settings), stdout=log, stderr=subprocess.STDOUT,
+            env=settings_environment(settings), stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         processes.append(process)
         return process
@@ -184,7 +179,7 @@ def test_worker_killed_mid_round_leaves_nothing_half_done(
 
 def test_beat_starts_rounds_on_schedule(settings: Settings, tmp_path: Path, sessions: Any) -> None:
     """Beat with TRAINING_INTERVAL=2 queues rounds that a worker runs (skipped: no ratings yet)."""
-    env = {**_env(settings), "TRAINING_INTERVAL": "2"}
+    env = {**settings_environment(settings), "TRAINING_INTERVAL": "2"}
     common = ["--loglevel", "INFO"]
     processes = [
         subprocess.Popen(

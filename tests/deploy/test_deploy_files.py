@@ -1,6 +1,6 @@
 """Static checks of the deployment files: docker-compose.yml, the nginx proxy's configuration
-(deploy/nginx/default.conf), the Dockerfile and .dockerignore. tests/test_proxy.py runs the
-proxy for real."""
+(deploy/nginx/default.conf), the Dockerfile and .dockerignore. tests/deploy/test_proxy.py runs
+the proxy for real."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -461,7 +461,7 @@ def test_api_stops_gracefully(services: dict[str, dict[str, Any]]) -> None:
 
 def test_proxy_is_official_nginx(services: dict[str, dict[str, Any]]) -> None:
     """The proxy runs the official nginx image at a pinned 1.x branch (1.22 or later: the file
-    must also run on Debian's nginx, which tests/test_proxy.py uses), never `latest`."""
+    must also run on Debian's nginx, which tests/deploy/test_proxy.py uses), never `latest`."""
     proxy = services["proxy"]
     assert "build" not in proxy, "the proxy is the official image, not built here"
     match = re.fullmatch(r"nginx:1\.(\d+)(\.\d+)?(-[a-z0-9.-]+)?", str(proxy.get("image")))

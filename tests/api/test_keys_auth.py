@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
-from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,48 +21,13 @@ from app.config import Settings
 from app.models import ApiKey, Role
 from app.services import keys
 from app.services.errors import Conflict
+from tests.helpers import KNOWN_V1_ROUTES, url, v1_routes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 Sessions = sessionmaker[Session]
 Headers = dict[str, str]
 
-# Routes that exist today; the enumeration below must find at least these (so a change in how
-# FastAPI exposes routes cannot make the 401 test silently check nothing).
-KNOWN_V1_ROUTES = {
-    ("POST", "/v1/generate"),
-    ("POST", "/v1/translate"),
-    ("POST", "/v1/qa"),
-    ("GET", "/v1/generations"),
-    ("GET", "/v1/generations/{generation_id}"),
-    ("POST", "/v1/feedback"),
-    ("POST", "/v1/comparisons"),
-    ("GET", "/v1/export"),
-    ("GET", "/v1/models"),
-    ("POST", "/v1/keys"),
-    ("GET", "/v1/keys"),
-    ("DELETE", "/v1/keys/{key_id}"),
-}
 ADMIN_ROUTES = {("POST", "/v1/keys"), ("GET", "/v1/keys"), ("DELETE", "/v1/keys/{key_id}")}
-
-
-def v1_routes(app: FastAPI) -> list[tuple[str, str, bool]]:
-    """(method, path, has a body) of every API route under /v1.
-
-    Since FastAPI 0.137 `app.routes` holds one lazy wrapper per included router rather than its
-    APIRoutes; `iter_route_contexts` flattens them into one context per endpoint.
-    """
-    found = []
-    for context in iter_route_contexts(app.routes):
-        route, path = context.original_route, context.path or ""
-        if isinstance(route, APIRoute) and path.startswith("/v1"):
-            for method in sorted(route.methods or ()):
-                found.append((method, path, route.body_field is not None))
-    return found
-
-
-def fill(path: str) -> str:
-    """The path with every parameter set to 1."""
-    return re.sub(r"\{[^}]+\}", "1", path)
 
 
 def count_keys(sessions: Sessions) -> int:
@@ -108,7 +71,7 @@ def test_every_v1_route_needs_a_valid_key(client: TestClient, sessions: Sessions
     for method, path, has_body in routes:
         for headers in BAD_AUTH:
             response = client.request(
-                method, fill(path), headers={**headers, "content-type": "application/json"},
+                method, url(path), headers={**headers, "content-type": "application/json"},
                 content=b"{}" if has_body else None,
             )  # fmt: skip
             problem = None

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +19,13 @@ from app.models import (
     ApiKey,
     Comparison,
     Feedback,
-    Generation,
-    ModelVersion,
-    Role,
     RunStatus,
-    Task,
-    Thumbs,
     TrainingRun,
-    VersionKind,
-    VersionStatus,
     Winner,
 )
 from app.services.training import request_run
 from tests.conftest import ADMIN_KEY, IsolatedSettings, reset_database
-from tests.test_training import FAST, QUICK_GATE
+from tests.helpers import FAST, QUICK_GATE, Ratings, rules
 from worker.training.dataset import Item, RoundData, agreement, build_round_data
 from worker.training.rounds import run_round
 
@@ -49,104 +41,6 @@ def session(db_url: str) -> Iterator[Session]:
     with make_sessionmaker(engine)() as session:
         yield session
     engine.dispose()
-
-
-def rules(**changes: Any) -> Settings:
-    """Default round rules (the defaults are what is tested, whatever the environment says),
-    with `changes`."""
-    return IsolatedSettings(**changes)
-
-
-class Ratings:
-    """Writes keys, generations and ratings straight to the database, one tick apart in time."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.clock = itertools.count()
-        version = ModelVersion(
-            name="v0",
-            kind=VersionKind.base,
-            base_model="tiny",
-            path="tiny",
-            status=VersionStatus.active,
-        )
-        session.add(version)
-        session.flush()
-        self.version_id = version.id
-        self.owner = self.key("owner")
-
-    def _now(self) -> datetime:
-        return datetime(2025, 1, 1, tzinfo=UTC) + timedelta(seconds=next(self.clock))
-
-    def key(self, name: str, revoked: bool = False) -> int:
-        """A user key's id."""
-        key = ApiKey(
-            name=name,
-            role=Role.user,
-            key_hash=name.ljust(64, "0"),
-            prefix=name[:16],
-            revoked_at=self._now() if revoked else None,
-        )
-        self.session.add(key)
-        self.session.flush()
-        return key.id
-
-    def generations(self, count: int, prompt: str = "Question") -> list[int]:
-        """`count` answers to the same input (so any two can be compared)."""
-        rows = [
-            Generation(
-                task=Task.generate,
-                input={"prompt": prompt},
-                input_hash=prompt.ljust(64, "0"),
-                prompt=prompt,
-                params={},
-                output=f"answer {i} to {prompt}",
-                finish_reason="stop",
-                prompt_tokens=1,
-                completion_tokens=3,
-                latency_ms=1,
-                model_version_id=self.version_id,
-                api_key_id=self.owner,
-            )
-            for i in range(count)
-        ]
-        self.session.add_all(rows)
-        self.session.flush()
-        return [row.id for row in rows]
-
-    def thumb(self, rater: int, generation: int, up: bool, correction: str | None = None) -> None:
-        """A thumb (and optionally a better answer) on one generation."""
-        now = self._now()
-        self.session.add(
-            Feedback(
-                generation_id=generation,
-                api_key_id=rater,
-                correction=correction,
-                thumbs=Thumbs.up if up else Thumbs.down,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-
-    def compare(self, rater: int, a: int, b: int, winner: Winner) -> None:
-        """A comparison of two generations."""
-        now = self._now()
-        self.session.add(
-            Comparison(
-                generation_a_id=a,
-                generation_b_id=b,
-                low_generation_id=min(a, b),
-                high_generation_id=max(a, b),
-                winner=winner,
-                api_key_id=rater,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-
-    def commit(self) -> None:
-        """Store what was written."""
-        self.session.commit()
 
 
 def honest_round(ratings: Ratings, raters: list[int]) -> list[int]:

@@ -3,8 +3,8 @@ process killed, the worker killed in the gate, the disk full. Generation and rat
 accepted where they can be, outages answer 503 with Retry-After (never 500), the service recovers
 by itself, nothing acknowledged is lost and no version is ever half written.
 
-The worker killed while training is in test_worker_rounds.py; a corrupt or missing version in
-test_training.py.
+The worker killed while training is in tests/worker/test_worker_rounds.py; a corrupt or missing
+version in tests/training/test_training.py.
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ from tests.conftest import (
     free_port,
     queue_round,
     reset_database,
+    settings_environment,
     stop_process,
     version_statuses,
     wait_until,
 )
-from tests.test_training import FAST, QUICK_GATE
-from tests.test_worker_rounds import _env
+from tests.helpers import FAST, QUICK_GATE
 from worker.training import rounds
 from worker.training.rounds import run_round
 
@@ -68,7 +68,8 @@ def _worker(settings: Settings, log: Path, **env: str) -> subprocess.Popen[bytes
     return subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
          "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
-        env={**_env(settings), **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        env={**settings_environment(settings), **env}, stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
     )  # fmt: skip
 
 
@@ -495,7 +496,7 @@ class TestPostgresRestartedWhilePublishing:
                 return path
 
             monkeypatch.setattr(rounds, "write_checkpoint", write_then_restart)
-        elif moment == "inside the transaction":  # the version row added, the ratings marked
+        elif moment == "inside the transaction":  # the run locked, the ratings marked
             mark_used = rounds.mark_used
 
             def mark_then_restart(*args: Any, **kwargs: Any) -> None:
@@ -631,7 +632,7 @@ def test_nothing_acknowledged_is_lost_when_the_api_process_is_killed(
             [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port",
              str(port), "--log-level", "warning"],
             env={
-                **_env(settings), "MAX_PROMPT_CHARS": "2000",
+                **settings_environment(settings), "MAX_PROMPT_CHARS": "2000",
                 # One key posts as fast as it can: the test is about the kill, not the limits.
                 "RATE_LIMIT_GENERATION": "none", "RATE_LIMIT_FEEDBACK": "none",
                 "RATE_LIMIT_READ": "none",

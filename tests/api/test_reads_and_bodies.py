@@ -22,7 +22,7 @@ from app.models import ApiKey, Feedback, Generation, IdempotencyRecord, ModelVer
 from app.state import app_state
 from app.web.limits import MAX_JSON_DEPTH, json_depth
 from tests.conftest import ADMIN_KEY
-from tests.test_roles import routes, url
+from tests.helpers import routes, url
 
 Sessions = sessionmaker[Session]
 Headers = dict[str, str]

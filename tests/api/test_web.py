@@ -22,7 +22,7 @@ from app.config import Settings
 from app.models import Comparison, Feedback, Generation, ModelVersion, Thumbs, Winner
 from tests.conftest import ADMIN_KEY, reset_database
 
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots"
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 HOSTILE = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"><b>bold</b>'
 
@@ -235,7 +235,7 @@ def test_compare_two_samples_then_the_active_version_against_another(
     page: Page, live: str, sessions: Any, settings: Settings
 ) -> None:
     """A/B choices with the keyboard; versions are revealed only after the choice."""
-    from tests.test_serving import publish_adapter
+    from tests.helpers import publish_adapter
 
     other = publish_adapter(sessions, settings, seed=5)
     sign_in(page, live, ADMIN_KEY)

@@ -32,8 +32,14 @@ from app.services.datasets import kto_rows, pair_rows
 from app.services.training import claim, fail_if_stale, request_run
 from app.services.versions import activate, ensure_base_version, promote
 from tests.conftest import REDIS_TEST_URL, reset_database, version_statuses, wait_until
-from tests.test_serving import publish_adapter
-from tests.test_training import FAST, QUICK_GATE, RATED, rate_with_corrections, start
+from tests.helpers import (
+    FAST,
+    QUICK_GATE,
+    RATED,
+    publish_adapter,
+    rate_with_corrections,
+    start,
+)
 from worker.training import gate, rounds, train
 from worker.training.rounds import (
     Heartbeat,
@@ -125,7 +131,7 @@ def test_a_round_declared_lost_stops_and_publishes_nothing(
     with sessions() as session:
         run = session.get(TrainingRun, run_id)
         assert run is not None
-        assert fail_if_stale(session, run, 0)  # as if its heartbeat had stopped
+        assert fail_if_stale(session, run=run, stale_after=0)  # as if its heartbeat had stopped
     started = time.monotonic()
     thread.join(300)
     assert result == [RunStatus.failed]
@@ -296,7 +302,8 @@ def test_a_round_declared_lost_charges_only_the_batch_it_was_in(
         assert stuck.wait(180), "the round never reached the poisoned rating"
         with sessions() as session:
             run = session.get(TrainingRun, run_id)
-            assert run is not None and fail_if_stale(session, run, 0)  # its heartbeat stopped
+            # its heartbeat stopped
+            assert run is not None and fail_if_stale(session, run=run, stale_after=0)
         failures = _failures(sessions)
     finally:
         release.set()
@@ -321,7 +328,7 @@ def _declare_lost_while_writing(monkeypatch: pytest.MonkeyPatch, sessions: Any) 
     def write_and_be_lost(*args: Any, **kwargs: Any) -> Path:
         with sessions() as session:
             run = session.scalars(select(TrainingRun).where(TrainingRun.live.is_(True))).one()
-            assert fail_if_stale(session, run, 0)  # its worker stopped beating as it wrote
+            assert fail_if_stale(session, run=run, stale_after=0)  # its worker stopped beating
         return write(*args, **kwargs)
 
     monkeypatch.setattr(rounds, "write_checkpoint", write_and_be_lost)
@@ -445,7 +452,7 @@ def test_a_live_rounds_directory_survives_another_rounds_clean_up(
     """Clean-up removes leftovers of runs that are over, never a directory a live run wrote and
     has not recorded yet."""
     with sessions() as session:
-        ensure_base_version(session, settings.model, settings.model)
+        ensure_base_version(session, base_model=settings.model, path=settings.model)
         live = start(sessions)
         over = TrainingRun(status=RunStatus.failed, trigger="manual")
         session.add(over)
@@ -501,7 +508,7 @@ def test_heartbeats_come_from_a_thread_until_the_run_is_lost(
         heartbeat.check()
         with sessions() as session:
             run = session.get(TrainingRun, run_id)
-            assert run is not None and fail_if_stale(session, run, 0)
+            assert run is not None and fail_if_stale(session, run=run, stale_after=0)
         wait_until(heartbeat.lost.is_set, 10, "the heartbeat to notice", every=0.1)
         with pytest.raises(RoundLost):
             heartbeat.check()
@@ -511,7 +518,7 @@ def test_activation_is_compare_and_set(sessions: Any, settings: Settings) -> Non
     """Promotion from a version that is no longer active changes nothing and names the one that
     is; whatever a caller expects, the database never holds two active versions."""
     with sessions() as session:
-        v0 = ensure_base_version(session, settings.model, settings.model)
+        v0 = ensure_base_version(session, base_model=settings.model, path=settings.model)
         v1, v2 = (
             ModelVersion(
                 name=name,
@@ -526,18 +533,19 @@ def test_activation_is_compare_and_set(sessions: Any, settings: Settings) -> Non
         session.add_all([v1, v2])
         session.commit()
         activate(session, v1)  # v0 -> v1, as an admin would
-        winner = promote(session, v2, v0.id)  # a round that started from v0
+        winner = promote(session, version=v2, expected_id=v0.id)  # a round that started from v0
         assert winner is not None and winner.name == "v1"
         session.commit()
         assert version_statuses(sessions) == {"v0": "retired", "v1": "active", "v2": "candidate"}
 
         with sessions() as other:  # another process rolls back to v0
             activate(other, other.get(ModelVersion, v0.id))
-        winner = promote(session, v2, v1.id)  # this session still believes v1 is active
+        # this session still believes v1 is active
+        winner = promote(session, version=v2, expected_id=v1.id)
         assert winner is not None and winner.name == "v0"
         session.rollback()
         with pytest.raises(IntegrityError):  # a caller that skips the check meets the index
-            promote(session, v2, v2.id)
+            promote(session, version=v2, expected_id=v2.id)
         session.rollback()
     assert version_statuses(sessions) == {"v0": "active", "v1": "retired", "v2": "candidate"}
 
@@ -561,7 +569,7 @@ def test_promotion_never_reports_success_with_nothing_active(
     refused it), the promotion does not report success while leaving nothing active: the new
     version becomes the active one, as a promotion that expected none would make it."""
     with sessions() as session:
-        v0 = ensure_base_version(session, settings.model, settings.model)
+        v0 = ensure_base_version(session, base_model=settings.model, path=settings.model)
         v1 = ModelVersion(
             name="v1", kind=VersionKind.base, base_model="other", path="p",
             status=VersionStatus.candidate, manifest={},
@@ -573,7 +581,7 @@ def test_promotion_never_reports_success_with_nothing_active(
             assert refused is not None
             refused.status = VersionStatus.refused
             other.commit()
-        winner = promote(session, v1, v0.id)  # a round that started from v0
+        winner = promote(session, version=v1, expected_id=v0.id)  # a round that started from v0
         session.commit()
         assert winner is None
     assert version_statuses(sessions) == {"v0": "refused", "v1": "active"}
@@ -586,7 +594,7 @@ def test_a_queued_round_whose_task_was_lost_is_declared_stale(
     once older than TRAINING_STALE_AFTER it is failed with the reason, a new round is queued,
     and its task turning up late does nothing."""
     with sessions() as session:
-        ensure_base_version(session, settings.model, settings.model)
+        ensure_base_version(session, base_model=settings.model, path=settings.model)
     lost = start(sessions)
     with sessions() as session:
         run, created = request_run(session, trigger="manual", stale_after=60)
@@ -668,7 +676,7 @@ def test_a_failed_runs_reason_is_never_rewritten_over_another_writer(
         else:
             _changed_by_another_writer_after(monkeypatch, training, run_id)
             run = session.get(TrainingRun, run_id)
-            assert run is not None and fail_if_stale(session, run, 1)
+            assert run is not None and fail_if_stale(session, run=run, stale_after=1)
     with sessions() as session:
         run = session.get(TrainingRun, run_id)
         assert run is not None and (run.status, run.reason) == (RunStatus.failed, ANOTHER_WRITER)
@@ -697,10 +705,10 @@ def test_a_round_that_the_broker_refused_is_failed_unless_a_worker_took_it(
     from app.services.training import start_run
 
     with sessions() as session:
-        ensure_base_version(session, settings.model, settings.model)
+        ensure_base_version(session, base_model=settings.model, path=settings.model)
         with pytest.raises(Unavailable):
             down: Any = _BrokerDown()  # as a TaskQueue
-            start_run(session, down, requested_by_id=None, config={}, stale_after=60)
+            start_run(session, queue=down, requested_by_id=None, config={}, stale_after=60)
         refused = session.scalars(select(TrainingRun)).one()
         assert refused.status is RunStatus.failed and refused.live is None
         assert "could not reach the task broker" in (refused.reason or "")
@@ -711,7 +719,9 @@ def test_a_round_that_the_broker_refused_is_failed_unless_a_worker_took_it(
 
     with sessions() as session, caplog.at_level("WARNING"):
         queue: Any = _BrokerDown(a_worker_claims)
-        run, created = start_run(session, queue, requested_by_id=None, config={}, stale_after=60)
+        run, created = start_run(
+            session, queue=queue, requested_by_id=None, config={}, stale_after=60
+        )
         assert created and run.status is RunStatus.running and run.live
         assert run.reason is None and run.finished_at is None
     assert f"training run {run.id} is running, no longer queued: not failing it" in caplog.text
@@ -740,7 +750,8 @@ def test_a_lost_round_never_removes_the_directory_of_the_round_that_reused_its_n
         path = write(root, name, *args, **kwargs)
         with sessions() as session:
             lost = session.scalars(select(TrainingRun).where(TrainingRun.live.is_(True))).one()
-            assert fail_if_stale(session, lost, 0)  # its heartbeat stopped as it wrote
+            # its heartbeat stopped as it wrote
+            assert fail_if_stale(session, run=lost, stale_after=0)
             run, created = request_run(session, trigger="manual")
             assert created and claim(session, run.id)
             later.append(run.id)

@@ -61,7 +61,7 @@ def default_queue_worker(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     process = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
          "-Q", DEFAULT_QUEUE, "--without-heartbeat", "--without-gossip", "--without-mingle"],
-        env=env, cwd=Path(__file__).resolve().parents[1],
+        env=env, cwd=Path(__file__).resolve().parents[2],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     yield process

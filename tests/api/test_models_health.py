@@ -16,7 +16,7 @@ from app.db import make_engine, make_sessionmaker
 from app.schemas.feedback import ComparisonCreate, FeedbackCreate
 from app.schemas.generation import GenerateRequest
 from app.state import app_state, install_state
-from tests.test_keys_auth import KNOWN_V1_ROUTES, v1_routes
+from tests.helpers import KNOWN_V1_ROUTES, v1_routes
 
 Headers = dict[str, str]
 # Nothing listens on port 1: connecting is refused at once, a real outage rather than a mock.

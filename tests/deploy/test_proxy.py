@@ -47,7 +47,7 @@ from tests.conftest import (
     wait_until,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONFIG = ROOT / "deploy" / "nginx" / "default.conf"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 NGINX = shutil.which("nginx") or next(

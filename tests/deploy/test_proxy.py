@@ -667,9 +667,10 @@ def test_a_replica_without_its_database_is_passed_over_for_reads(deployment: Dep
     cut_off.wait_ready(30)
 
 
-def test_restarting_a_replica_under_steady_reads_gives_no_5xx(deployment: Deployment) -> None:
-    """Reads keep coming while one replica stops (SIGTERM, as `docker compose restart` sends)
-    and starts again: not one 5xx, and the restarted replica serves again afterwards."""
+def test_restarting_a_replica_under_steady_requests_gives_no_5xx(deployment: Deployment) -> None:
+    """Reads and generations keep coming while one replica stops (SIGTERM, as `docker compose
+    restart` sends) and starts again: not one 5xx (a replica that is stopping finishes what it
+    has and takes nothing new), and the restarted replica serves again afterwards."""
     restarted = deployment.replicas[1]
     per_key = READ_LIMIT - 5
     keys = [deployment.new_key() for _ in range(20)]
@@ -688,22 +689,39 @@ def test_restarting_a_replica_under_steady_reads_gives_no_5xx(deployment: Deploy
                 count += 1
                 time.sleep(0.05)
 
-    reader = threading.Thread(target=read)
+    writers = [deployment.new_key() for _ in range(4)]
+    written: list[int] = []
+
+    def write() -> None:  # 4 keys in turn: well under RATE_LIMIT_GENERATION each
+        with deployment.client() as client:
+            count = 0
+            while not stop.is_set():
+                body = chat(f"Hello {count}", max_tokens=2)
+                headers = writers[count % len(writers)]
+                answer = client.post(f"/v1/chat/completions?t={mark}", json=body, headers=headers)
+                written.append(answer.status_code)
+                count += 1
+                time.sleep(0.1)
+
+    reader, writer = threading.Thread(target=read), threading.Thread(target=write)
     reader.start()
+    writer.start()
     try:
         time.sleep(1)
         restarted.stop()
         time.sleep(1)
         restarted.start()
         restarted.wait_ready()
-        back = len(answers)
+        back, logged_back = len(answers), len(answers) + len(written)
         wait_until(lambda: len(answers) > back + 60, 30, "reads after the restart")
     finally:
         stop.set()
         reader.join(60)
+        writer.join(60)
     assert answers and set(answers) == {200}, {s: answers.count(s) for s in set(answers)}
-    passages = deployment.proxy.passages(mark, len(answers))
-    assert restarted.address in {p.served_by for p in passages[back:]}, "not serving again"
+    assert len(written) > 10 and set(written) == {200}, {s: written.count(s) for s in written}
+    passages = deployment.proxy.passages(mark, len(answers) + len(written))
+    assert restarted.address in {p.served_by for p in passages[logged_back:]}, "not serving again"
 
 
 def test_replicas_added_are_used_without_restarting_the_proxy(deployment: Deployment) -> None:

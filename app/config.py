@@ -92,9 +92,9 @@ class Settings(BaseSettings):
     training row is two sequences of up to TRAINING_MAX_LENGTH: DPO's chosen and rejected
     answers, KTO's answer and its KL term's; an optimiser step still covers the round's
     `batch_size` rows, by gradient accumulation); at least twice TRAINING_MAX_LENGTH. It bounds
-    the worker's memory beyond its two model copies: backward keeps about 3 MiB per token of a
-    micro-batch on the default model in float32 (activations and the vocabulary logits of the
-    policy and the reference); `bench/abuse.py --phase round` prints the worker's peak."""
+    the worker's memory beyond its two model copies: backward keeps about 1.7 MiB per token of
+    a micro-batch on the default model in float32 with activation checkpointing on (3 without);
+    `bench/abuse.py --phase round` prints the worker's peak."""
     training_chunk_tokens: Annotated[int, Field(ge=1, le=8192)] = 256
     """Positions projected to vocabulary logits at once when the gate computes log-probabilities:
     its logits never exceed this many x vocabulary floats (256 x 49,152 x 4 bytes = 48 MiB on

@@ -95,6 +95,13 @@ class EngineLimits:
     steps of the running requests."""
 
 
+def _fail_unfinished(streams: list[GenerationStream], error: BaseException) -> None:
+    """Finish with `error` each of these requests that has not finished yet."""
+    for stream in streams:
+        if not stream._done.is_set():
+            stream._finish(None, error)
+
+
 class Engine:
     """The generation loop of one process: a bounded queue in front of the model."""
 
@@ -280,9 +287,7 @@ class Engine:
                     failure = EngineStopped("the model failed on this request; retry")
                     for batch in batches.values():
                         batch.fail(failure)
-                    for stream in self._in_hand:
-                        if not stream._done.is_set():
-                            stream._finish(None, failure)
+                    _fail_unfinished(self._in_hand, failure)
                     outbox.flush()
                     self._stopping.wait(0.1)  # a failure at every turn must not spin a core
         finally:
@@ -369,9 +374,7 @@ class Engine:
                 except Exception as exc:  # a failed prefill is handled inside: this is a bug
                     log.exception("admitting requests failed; the batch's requests fail")
                     batch.fail(exc)
-                    for stream in streams:
-                        if not stream._done.is_set():
-                            stream._finish(None, exc)
+                    _fail_unfinished(streams, exc)
             outbox.flush()  # first tokens go out before the step
             # Short requests (chats) step every time; long ones get a share of the time beside
             # them, in pieces (LONG_SHARE), so that they cannot stretch every chat's tokens.

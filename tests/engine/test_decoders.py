@@ -109,6 +109,18 @@ def expected(model: PreTrainedModel, sequence: list[int]) -> torch.Tensor:
         return model(torch.tensor([sequence])).logits[0, -1]
 
 
+def assert_next_step_is_the_model_s(
+    model: PreTrainedModel, decoder: Decoder, first: list[int], second: list[int]
+) -> None:
+    """One decode step of a decoder's two rows (`first`, `second`, each extended by its token)
+    gives the model's own logits for both."""
+    step = [first[-1] + 1, second[-1] + 1]
+    first.append(step[0])
+    second.append(step[1])
+    for row, sequence in zip(decoder.decode(step), (first, second), strict=True):
+        assert torch.allclose(row, expected(model, sequence), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("make_model", [llama, qwen2])
 @pytest.mark.parametrize("make_decoder", [packed, own_weights, adapted, TransformersDecoder])
 def test_decoder_gives_the_model_s_logits_for_every_row(
@@ -396,12 +408,7 @@ def test_a_long_prompt_prefilled_in_chunks_gives_the_model_s_logits(
         assert torch.allclose(logits[0], expected(model, long), atol=1e-4, rtol=1e-4)
         if isinstance(decoder, LlamaDecoder):
             assert steps == -(-(len(long) - reused - 16) // 16)  # a chunk a step
-        step = [running[-1] + 1, long[-1] + 1]
-        running.append(step[0])
-        long.append(step[1])
-        first, second = decoder.decode(step)
-        assert torch.allclose(first, expected(model, running), atol=1e-4, rtol=1e-4)
-        assert torch.allclose(second, expected(model, long), atol=1e-4, rtol=1e-4)
+        assert_next_step_is_the_model_s(model, decoder, running, long)
         decoder.keep([0])
 
 
@@ -490,12 +497,7 @@ def test_a_long_prompt_s_last_chunk_joins_the_rows_a_layer_at_a_time() -> None:
         logits = parts[-1]
         assert logits is not None and decoder.rows == 2
         assert torch.allclose(logits[0], expected(model, long), atol=1e-4, rtol=1e-4)
-        step_tokens = [running[-1] + 1, long[-1] + 1]
-        running.append(step_tokens[0])
-        long.append(step_tokens[1])
-        first, second = decoder.decode(step_tokens)
-        assert torch.allclose(first, expected(model, running), atol=1e-4, rtol=1e-4)
-        assert torch.allclose(second, expected(model, long), atol=1e-4, rtol=1e-4)
+        assert_next_step_is_the_model_s(model, decoder, running, long)
         decoder.keep([0])
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tests.conftest import IsolatedSettings
+from tests.helpers import IsolatedSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import ADMIN_KEY, api_ready, free_port
+from tests.helpers import ADMIN_KEY, api_ready, free_port
 
 BAD_KEY = "flm_this-key-was-never-issued-0123456789abcdef"
 

@@ -16,8 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from app.db import Base, make_engine, make_sessionmaker
 from app.migrate import alembic_config, is_current, upgrade
 from app.models import Winner
-from tests.conftest import PG_ADMIN_URL, IsolatedSettings, reset_database
-from tests.helpers import Ratings
+from tests.helpers import PG_ADMIN_URL, IsolatedSettings, Ratings, reset_database
 
 
 @pytest.mark.parametrize("backend", ["pg_url", "sqlite_url"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
-from tests.conftest import PROCESS_ENVIRONMENT, IsolatedSettings, settings_environment
+from tests.helpers import PROCESS_ENVIRONMENT, IsolatedSettings, settings_environment
 
 # Each would change what the suite tests if the fixture took it: another model, limits that
 # refuse the tests' requests, Redis instead of the embedded fallbacks, other training rules.

@@ -22,7 +22,7 @@ from app.main import create_app
 from app.models import ApiKey, Feedback, Generation, IdempotencyRecord
 from app.services.idempotency import Caller, IdempotencyStore, Verdict, fingerprint
 from app.services.ratelimit import RateLimits
-from tests.conftest import REDIS_TEST_URL, IsolatedSettings
+from tests.helpers import REDIS_TEST_URL, IsolatedSettings
 
 Sessions = sessionmaker[Session]
 Headers = dict[str, str]

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.models import Generation, Task
 from app.state import app_state
-from tests.conftest import ADMIN_KEY
+from tests.helpers import ADMIN_KEY
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -167,7 +167,7 @@ def paused(client: OpenAI, live: str) -> Iterator[tuple[threading.Event, threadi
 
 
 def live_app(live: str) -> Any:
-    from tests.conftest import LIVE_APPS
+    from tests.helpers import LIVE_APPS
 
     return LIVE_APPS[live]
 

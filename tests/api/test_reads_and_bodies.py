@@ -21,8 +21,7 @@ from app.main import create_app
 from app.models import ApiKey, Feedback, Generation, IdempotencyRecord, ModelVersion, Task
 from app.state import app_state
 from app.web.limits import MAX_JSON_DEPTH, json_depth
-from tests.conftest import ADMIN_KEY
-from tests.helpers import routes, url
+from tests.helpers import ADMIN_KEY, routes, url
 
 Sessions = sessionmaker[Session]
 Headers = dict[str, str]

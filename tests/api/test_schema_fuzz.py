@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app.main import create_app
-from tests.conftest import ADMIN_KEY, IsolatedSettings, reset_database
+from tests.helpers import ADMIN_KEY, IsolatedSettings, reset_database
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "8"))
 """Examples per operation in the fuzzing phase (schemathesis adds its examples and boundaries)."""

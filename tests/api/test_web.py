@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.models import Comparison, Feedback, Generation, ModelVersion, Thumbs, Winner
-from tests.conftest import ADMIN_KEY, reset_database
+from tests.helpers import ADMIN_KEY, reset_database
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

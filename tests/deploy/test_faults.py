@@ -36,8 +36,10 @@ from app.config import Settings
 from app.migrate import upgrade
 from app.models import Comparison, Feedback, Generation, ModelVersion, RunStatus, TrainingRun
 from app.state import app_state
-from tests.conftest import (
+from tests.helpers import (
     ADMIN_KEY,
+    FAST,
+    QUICK_GATE,
     api_ready,
     assert_versions_whole,
     free_port,
@@ -48,7 +50,6 @@ from tests.conftest import (
     version_statuses,
     wait_until,
 )
-from tests.helpers import FAST, QUICK_GATE
 from worker.training import rounds
 from worker.training.rounds import run_round
 

@@ -37,7 +37,7 @@ from sqlalchemy.engine import make_url
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
 from app.models import ModelVersion, VersionKind, VersionStatus
-from tests.conftest import (
+from tests.helpers import (
     ADMIN_KEY,
     REDIS_TEST_URL,
     api_ready,

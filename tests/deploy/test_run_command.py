@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from app.cli import RESTART_STABLE_AFTER, Supervised, restart_delay
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 
 def _start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -182,7 +182,7 @@ def test_a_non_streamed_request_is_cancelled_when_its_client_goes_away(
     recorded as cancelled instead of taking the engine for its whole answer."""
     import uvicorn
 
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     app = create_app(settings.model_copy(update={"max_batch_size": 1}))
     port = free_port()

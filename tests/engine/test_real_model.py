@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from app.engine.loading import DEFAULT_SOURCE, prepare_default_model
 from app.main import create_app
 from app.migrate import upgrade
-from tests.conftest import ADMIN_KEY, CACHE, IsolatedSettings
+from tests.helpers import ADMIN_KEY, CACHE, IsolatedSettings
 
 pytestmark = pytest.mark.real_model
 

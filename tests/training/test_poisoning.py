@@ -24,8 +24,15 @@ from app.models import (
     Winner,
 )
 from app.services.training import request_run
-from tests.conftest import ADMIN_KEY, IsolatedSettings, reset_database
-from tests.helpers import FAST, QUICK_GATE, Ratings, rules
+from tests.helpers import (
+    ADMIN_KEY,
+    FAST,
+    QUICK_GATE,
+    IsolatedSettings,
+    Ratings,
+    reset_database,
+    rules,
+)
 from worker.training.dataset import Item, RoundData, agreement, build_round_data
 from worker.training.rounds import run_round
 

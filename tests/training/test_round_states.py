@@ -31,14 +31,17 @@ from app.models import (
 from app.services.datasets import kto_rows, pair_rows
 from app.services.training import claim, fail_if_stale, request_run
 from app.services.versions import activate, ensure_base_version, promote
-from tests.conftest import REDIS_TEST_URL, reset_database, version_statuses, wait_until
 from tests.helpers import (
     FAST,
     QUICK_GATE,
     RATED,
+    REDIS_TEST_URL,
     publish_adapter,
     rate_with_corrections,
+    reset_database,
     start,
+    version_statuses,
+    wait_until,
 )
 from worker.training import gate, rounds, train
 from worker.training.rounds import (

@@ -18,8 +18,7 @@ from app.services.datasets import KtoRow, PairRow
 from app.services.training import request_run
 from app.state import app_state
 from app.training_config import TokenBudget, TrainConfig
-from tests.conftest import reset_database
-from tests.helpers import FAST, QUICK_GATE, RATED, rate_with_corrections, start
+from tests.helpers import FAST, QUICK_GATE, RATED, rate_with_corrections, reset_database, start
 from worker.training import train
 from worker.training.rounds import run_round
 from worker.training.train import micro_batches, train_adapter, truncate_row

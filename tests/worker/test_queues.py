@@ -14,7 +14,7 @@ from celery import Celery
 
 from app.config import Settings
 from app.services.queue import TRAINING_QUEUE, TaskQueue
-from tests.conftest import REDIS_TEST_URL, IsolatedSettings, stop_process
+from tests.helpers import REDIS_TEST_URL, IsolatedSettings, stop_process
 from worker.celery_app import make_celery
 
 DEFAULT_QUEUE = "celery"

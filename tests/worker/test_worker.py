@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from app.config import Settings
-from tests.conftest import REDIS_TEST_URL, IsolatedSettings, settings_environment
+from tests.helpers import REDIS_TEST_URL, IsolatedSettings, settings_environment
 from worker.celery_app import make_celery
 
 

@@ -19,16 +19,18 @@ from sqlalchemy import select
 from app.config import Settings
 from app.main import create_app
 from app.models import Feedback, ModelVersion, TrainingRun
-from tests.conftest import (
+from tests.helpers import (
     ADMIN_KEY,
+    FAST,
+    QUICK_GATE,
     REDIS_TEST_URL,
     IsolatedSettings,
+    rate_with_corrections,
     reset_database,
     settings_environment,
     stop_process,
     wait_until,
 )
-from tests.helpers import FAST, QUICK_GATE, rate_with_corrections
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 

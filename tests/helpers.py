@@ -181,7 +181,7 @@ def assert_versions_whole(sessions: Any, versions_dir: Path) -> None:
         if row.kind is VersionKind.adapter:
             verify_checkpoint(Path(row.path))
     on_disk = {p.name for p in versions_dir.iterdir()} if versions_dir.is_dir() else set()
-    assert on_disk <= {v.name for v in rows if v.kind is VersionKind.adapter}, on_disk
+    assert on_disk <= {Path(v.path).name for v in rows if v.kind is VersionKind.adapter}, on_disk
 
 
 def queue_round(sessions: Any, config: dict[str, Any] | None = None) -> int:

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -160,11 +161,19 @@ def test_unreachable_redis_lets_requests_through(
 
 @pytest.mark.parametrize("value", ["12 per fortnight", "/minute", "lots"])
 def test_a_malformed_limit_stops_the_process_with_one_line(
-    value: str, capsys: pytest.CaptureFixture[str]
+    value: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     """RATE_LIMIT_* must be in the limits notation; the error names the setting and the form."""
+    # load_settings reads the environment and `.env` as the process would: neither may hold a
+    # setting here, or its own error could come first.
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
-        load_settings(_env_file=None, rate_limit_feedback=value)
+        load_settings(rate_limit_feedback=value)
     line = capsys.readouterr().err
     assert line.startswith("invalid setting RATE_LIMIT_FEEDBACK:")
     assert "120/minute" in line

@@ -837,7 +837,7 @@ class TestDiskFull(OnSharedPostgres):
         assert client.post("/v1/generate", json=body).json()["model_version"] == "v1"
 
         # Room for less than half of what v1's files took: the next version cannot fit.
-        needed = sum(p.stat().st_size for p in (small_disk / "v1").iterdir())
+        needed = sum(p.stat().st_size for p in (small_disk / f"v1.run{first}").iterdir())
         filler = _fill(small_disk, needed // 2)
         rated += _rate_corrected(client, 8)
         full = queue_round(sessions, {"train": FAST, "gate": QUICK_GATE})

@@ -51,6 +51,7 @@ from worker.training.rounds import (
     _remove_orphans,
     mark_used,
     run_round,
+    version_directory,
 )
 
 
@@ -740,27 +741,31 @@ def test_a_lost_round_never_removes_the_directory_of_the_round_that_reused_its_n
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A round declared lost as it writes v1 goes on; the next round removes its v1 (no row
-    names it) and, the name being free, writes its own v1. The lost round then fails to publish,
-    and leaves the later round's v1 as it is."""
+    """A round declared lost as it writes v1 goes on; the next round removes its directory (no
+    row names it) and, the name being free, writes its own v1. The two directories differ (each
+    is named after its round too), so the lost round, failing to publish, removes its own and
+    can never reach the later round's."""
     from app.engine.checkpoints import read_manifest
 
     rate_with_corrections(client, admin, RATED)
     write = rounds.write_checkpoint
-    later: list[int] = []
+    later: list[Path] = []
 
-    def write_then_lose_the_name(root: Path, name: str, *args: Any, **kwargs: Any) -> Path:
-        path = write(root, name, *args, **kwargs)
+    def write_then_lose_the_name(root: Path, directory: str, *args: Any, **kwargs: Any) -> Path:
+        path = write(root, directory, *args, **kwargs)
         with sessions() as session:
             lost = session.scalars(select(TrainingRun).where(TrainingRun.live.is_(True))).one()
             # its heartbeat stopped as it wrote
             assert fail_if_stale(session, run=lost, stale_after=0)
             run, created = request_run(session, trigger="manual")
             assert created and claim(session, run.id)
-            later.append(run.id)
             _remove_orphans(session, root, run.id)  # the later round's clean-up
         assert not path.exists()
-        write(root, name, weights, {"name": name, "training_run": later[0]})
+        manifest = {"name": "v1", "training_run": run.id}
+        later.append(write(root, version_directory("v1", run.id), weights, manifest))
+        # The lost round's directory comes back (as if it wrote again after the clean-up):
+        # what it removes on failing is that one, and only that one.
+        write(root, directory, weights, {"name": "v1", "training_run": lost.id})
         return path
 
     def weights(directory: Path) -> None:
@@ -769,8 +774,10 @@ def test_a_lost_round_never_removes_the_directory_of_the_round_that_reused_its_n
     monkeypatch.setattr(rounds, "write_checkpoint", write_then_lose_the_name)
     first = start(sessions, {"train": FAST, "gate": QUICK_GATE})
     assert run_round(sessions, settings, first) is RunStatus.failed
-    reused = settings.versions_dir / "v1"
-    assert reused.is_dir() and read_manifest(reused)["training_run"] == later[0]
+    [reused] = later
+    assert reused != settings.versions_dir / version_directory("v1", first)
+    assert [p.name for p in settings.versions_dir.iterdir()] == [reused.name]
+    assert read_manifest(reused)["training_run"] != first
     assert (reused / "weights").read_text() == "the later round's"
     assert version_statuses(sessions) == {"v0": "active"} and set(_used(sessions)) == {None}
 

@@ -59,7 +59,7 @@ def test_a_round_trains_gates_and_activates_an_adapter(
     assert run["config"]["train"]["learning_rate"] == FAST["learning_rate"]
 
     # The version directory is complete and self-describing, and LoRA weights moved from zero.
-    version_dir = settings.versions_dir / "v1"
+    version_dir = settings.versions_dir / f"v1.run{run_id}"  # named after its round too
     manifest = json.loads((version_dir / "manifest.json").read_text())
     assert manifest["parent"] == "v0" and manifest["training_run"] == run_id
     assert set(manifest["files"]) == {
@@ -171,10 +171,11 @@ def test_a_corrupt_version_is_refused_and_the_previous_keeps_serving(
 ) -> None:
     """A version whose files fail their sha256 is refused, visibly, and serving stays on v0."""
     rate_with_corrections(client, admin, RATED)
-    run_round(sessions, settings, start(sessions, {"train": FAST, "gate": QUICK_GATE}))
+    run_id = start(sessions, {"train": FAST, "gate": QUICK_GATE})
+    run_round(sessions, settings, run_id)
     client.post("/v1/models/v0/activate", headers=admin)
     app_state(client.app).follower.sync()
-    weights: Path = settings.versions_dir / "v1" / "adapter_model.safetensors"
+    weights: Path = settings.versions_dir / f"v1.run{run_id}" / "adapter_model.safetensors"
     if damage == "corrupt":
         weights.write_bytes(weights.read_bytes()[:-16] + b"\0" * 16)
     else:

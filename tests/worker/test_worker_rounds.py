@@ -3,6 +3,7 @@ app keeps serving and follows the new version by itself."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -19,12 +20,15 @@ from sqlalchemy import select
 from app.config import Settings
 from app.main import create_app
 from app.models import Feedback, ModelVersion, TrainingRun
+from app.services.queue import TaskQueue
 from tests.helpers import (
     ADMIN_KEY,
     FAST,
     QUICK_GATE,
     REDIS_TEST_URL,
     IsolatedSettings,
+    assert_versions_whole,
+    queue_round,
     rate_with_corrections,
     reset_database,
     settings_environment,
@@ -33,6 +37,8 @@ from tests.helpers import (
 )
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+DONE = re.compile(r"Task training\.run_round\[[^\]]+\] succeeded in [\d.]+s: '(\w+)'")
+"""A worker's log line for a finished round task, with the status the task returned."""
 
 
 @pytest.fixture(params=["redis", "embedded"])
@@ -116,6 +122,48 @@ def test_round_on_a_worker_is_served_without_restart(
         # finds it. The bound is loose on purpose (a busy 2-core machine); bench/swap.py
         # measures the latency.
         wait_until(served, 30, "the app to serve v1")
+
+
+# Redis only: two workers on one machine is a Redis deployment (`make run` starts one worker).
+@pytest.mark.parametrize("settings", ["redis"], indirect=True)
+def test_two_workers_handed_the_same_round_run_it_once(
+    settings: Settings,
+    start_worker: Callable[[], subprocess.Popen[bytes]],
+    sessions: Any,
+    tmp_path: Path,
+) -> None:
+    """The same round's task sent twice through the broker (a duplicated or redelivered message)
+    while two worker processes wait: one runs the round, the other finds it taken and returns at
+    once; one version, each rating used once, the run succeeded."""
+    for _ in range(2):
+        start_worker()
+    logs = [tmp_path / "worker-0.log", tmp_path / "worker-1.log"]
+    wait_until(lambda: all("ready." in log.read_text() for log in logs), 120, "two workers")
+    with TestClient(create_app(settings)) as client:
+        rate_with_corrections(client, ADMIN, 10)
+        # Long enough that the second copy reaches the other worker while the first trains.
+        slow = {"train": {**FAST, "batch_size": 2}, "gate": QUICK_GATE}
+        run_id = queue_round(sessions, slow)
+        tasks = TaskQueue(settings)
+        for _ in range(2):
+            tasks.enqueue("training.run_round", run_id)
+        run = _final_run(client, run_id)
+        assert run["status"] == "succeeded" and run["version"] == "v1", run
+
+    def answers() -> list[list[str]] | None:
+        found = [DONE.findall(log.read_text()) for log in logs]
+        return found if sum(map(len, found)) == 2 else None
+
+    per_worker = wait_until(answers, 60, "both copies of the task to finish")
+    assert sorted(map(len, per_worker)) == [1, 1], per_worker  # one copy each
+    assert sorted(answer for found in per_worker for answer in found) == ["running", "succeeded"]
+    with sessions() as session:
+        assert [v.name for v in session.scalars(select(ModelVersion))] == ["v0", "v1"]
+        used = list(session.scalars(select(Feedback.used_in_run_id)))
+        done = session.get(TrainingRun, run_id)
+        assert done is not None and done.reason is None
+    assert used.count(run_id) == done.counts["train_kto"] and set(used) == {run_id, None}
+    assert_versions_whole(sessions, settings.versions_dir)
 
 
 def test_worker_killed_mid_round_leaves_nothing_half_done(

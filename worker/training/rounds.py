@@ -364,8 +364,9 @@ def _run(
     }
     try:
         path = write_checkpoint(
-            settings.versions_dir, name, lambda d: trained.model.save_pretrained(str(d)), manifest
-        )
+            settings.versions_dir, version_directory(name, run_id),
+            lambda d: trained.model.save_pretrained(str(d)), manifest,
+        )  # fmt: skip
     except Exception as exc:  # write_checkpoint removed its partial directory
         if _out_of_space(exc):
             raise DiskFull(
@@ -398,7 +399,7 @@ def _run(
         if landed is not True:
             session.rollback()
             if landed is False:  # (unknown: kept, the next round's clean-up decides)
-                _remove_own(path, run_id)
+                shutil.rmtree(path, ignore_errors=True)  # its own: no other round writes there
             raise
         log.warning("training run %s: its commit raised, but it landed", run_id)
     if activated:
@@ -472,6 +473,13 @@ def mark_used(
             )
 
 
+def version_directory(name: str, run_id: int) -> str:
+    """The directory a round writes its version `name` in: named after the round too, so that
+    no two rounds ever write, or remove, the same directory (a round declared lost and the next
+    one may both write a `v7`, the name being free until one publishes)."""
+    return f"{name}.run{run_id}"
+
+
 def _remove_orphans(session: Session, versions_dir: Path, own_run: int | None = None) -> None:
     """Delete partial writes, and version directories no database row knows unless a live run
     other than `own_run` (which has written nothing yet) wrote them: a crash's leftovers."""
@@ -481,7 +489,11 @@ def _remove_orphans(session: Session, versions_dir: Path, own_run: int | None = 
         log.warning("removed the partial version directory %s", partial)
     if not versions_dir.is_dir():
         return
-    known = set(session.scalars(select(ModelVersion.name)))
+    # Known by its directory's name, not its whole path, so that a data directory moved since
+    # (or mounted elsewhere) keeps its versions; older versions' directories are their names.
+    known = set()
+    for name, path in session.execute(select(ModelVersion.name, ModelVersion.path)):
+        known |= {name, Path(path).name}
     live = set(session.scalars(select(TrainingRun.id).where(TrainingRun.status.in_(LIVE_STATUSES))))
     for directory in versions_dir.iterdir():
         if not directory.is_dir() or directory.name in known:
@@ -492,20 +504,6 @@ def _remove_orphans(session: Session, versions_dir: Path, own_run: int | None = 
             continue
         log.warning("removed %s: no model version refers to it", directory)
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def _remove_own(path: Path, run_id: int) -> None:
-    """Remove the version directory this round wrote at `path`, unless it is no longer its own:
-    a round declared lost meanwhile may find its directory removed by the next round's clean-up
-    and the version name, never published, reused by that round."""
-    writer = _writer(path)
-    if writer != run_id:
-        if path.exists():
-            log.warning(
-                "training run %s: kept %s, which training run %s wrote", run_id, path, writer
-            )
-        return
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _writer(directory: Path) -> int | None:

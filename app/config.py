@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     """Positions projected to vocabulary logits at once when the gate computes log-probabilities:
     its logits never exceed this many x vocabulary floats (256 x 49,152 x 4 bytes = 48 MiB on
     the default model), however long or many the sequences."""
+    evaluation_dir: Path | None = None
+    """Folder of the evaluation suite every round's candidate (and its parent) is scored on:
+    `references.jsonl` and `prompts.jsonl`; unset: the project's own, in
+    worker/training/evaluation/. Figures compare only between versions on the same files."""
     max_batch_size: Annotated[int, Field(ge=1, le=256)] = 32
     """Requests decoding together in one batch; more wait in the queue."""
     max_waiting_requests: Annotated[int, Field(ge=1, le=10_000)] = 64

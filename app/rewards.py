@@ -135,8 +135,8 @@ def no_repetition(
     """1 minus the share of the answer's word n-grams that repeat an earlier one."""
     scores: list[float | None] = []
     for sample in samples:
-        words = _words(sample.answer)
-        grams = [tuple(words[i : i + options.n]) for i in range(len(words) - options.n + 1)]
+        tokens = words(sample.answer)
+        grams = [tuple(tokens[i : i + options.n]) for i in range(len(tokens) - options.n + 1)]
         scores.append(1.0 - (len(grams) - len(set(grams))) / len(grams) if grams else 1.0)
     return scores
 
@@ -263,7 +263,8 @@ def combine(
     ]
 
 
-def _words(text: str) -> list[str]:
+def words(text: str) -> list[str]:
+    """The lower-cased words of a text, in any script."""
     return regex.findall(r"\w+", text.lower())
 
 
@@ -272,7 +273,7 @@ class _WordTokenizer:
     answer would score 0 against its own reference."""
 
     def tokenize(self, text: str) -> list[str]:
-        return _words(text)
+        return words(text)
 
 
 @cache

@@ -25,6 +25,7 @@ from tests.helpers import (
     IsolatedSettings,
     free_port,
     reset_database,
+    write_small_suite,
 )
 
 
@@ -100,10 +101,18 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
+@pytest.fixture(scope="session")
+def small_suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few items of each kind from the evaluation suite: every round evaluates its candidate,
+    and the whole suite would cost each round test seconds (tests/training/test_evaluation.py
+    runs the whole one)."""
+    return write_small_suite(tmp_path_factory.mktemp("evaluation-suite"))
+
+
 @pytest.fixture
-def settings(db_url: str, tiny_model_dir: Path, tmp_path: Path) -> Settings:
-    """Settings for one test: its own data directory, the tiny model, a known admin key; the
-    rest are the defaults, whatever the environment or a `.env` file say."""
+def settings(db_url: str, tiny_model_dir: Path, tmp_path: Path, small_suite: Path) -> Settings:
+    """Settings for one test: its own data directory, the tiny model, a known admin key, a small
+    evaluation suite; the rest are the defaults, whatever the environment or a `.env` say."""
     return IsolatedSettings(
         data_dir=tmp_path / "data",
         database_url=db_url,
@@ -111,6 +120,7 @@ def settings(db_url: str, tiny_model_dir: Path, tmp_path: Path) -> Settings:
         model_dtype="float32",
         admin_api_key=ADMIN_KEY,
         max_prompt_chars=2000,
+        evaluation_dir=small_suite,
     )
 
 

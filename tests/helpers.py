@@ -285,6 +285,23 @@ def start(sessions: Any, config: dict[str, Any] | None = None) -> int:
         return run.id
 
 
+def write_small_suite(directory: Path, per_kind: int = 2) -> Path:
+    """A copy of the evaluation suite's first `per_kind` translations, questions and open
+    prompts in `directory`, for tests whose rounds need an evaluation but not its figures."""
+    from worker.training.evaluation import SUITE_DIR
+
+    references = (SUITE_DIR / "references.jsonl").read_text().splitlines()
+    kept = [
+        line
+        for task in ("translate", "qa")
+        for line in [r for r in references if f'"task": "{task}"' in r][:per_kind]
+    ]
+    (directory / "references.jsonl").write_text("\n".join(kept) + "\n")
+    prompts = (SUITE_DIR / "prompts.jsonl").read_text().splitlines()[:per_kind]
+    (directory / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
+    return directory
+
+
 def rules(**changes: Any) -> Settings:
     """Default round rules (the defaults are what is tested, whatever the environment says),
     with `changes`."""

@@ -14,15 +14,18 @@ from app.deps import (
     SettingsDep,
 )
 from app.engine.registry import ModelRegistry
-from app.models import ModelVersion
-from app.schemas.models import ModelList, ModelVersionPublic
+from app.models import Evaluation, ModelVersion
+from app.schemas.models import EvaluationPublic, ModelList, ModelVersionPublic
+from app.services.evaluations import latest_evaluations
 from app.services.notify import announce_activation
 from app.services.versions import activate_by_name, list_versions
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
-def _public(version: ModelVersion, serving_id: int | None) -> ModelVersionPublic:
+def _public(
+    version: ModelVersion, serving_id: int | None, evaluation: Evaluation | None = None
+) -> ModelVersionPublic:
     return ModelVersionPublic(
         id=version.name,
         created=int(version.created_at.timestamp()),
@@ -36,6 +39,7 @@ def _public(version: ModelVersion, serving_id: int | None) -> ModelVersionPublic
         metrics=version.manifest.get("metrics", {}),
         created_at=version.created_at,
         activated_at=version.activated_at,
+        evaluation=None if evaluation is None else EvaluationPublic.model_validate(evaluation),
     )
 
 
@@ -47,7 +51,10 @@ def _serving_id(registry: ModelRegistry) -> int | None:
 def models(_: CurrentKey, session: SessionDep, registry: RegistryDep) -> ModelList:
     """Every model version, the first base model first, and which one this process serves."""
     serving_id = _serving_id(registry)
-    return ModelList(data=[_public(v, serving_id) for v in list_versions(session)])
+    evaluations = latest_evaluations(session)
+    return ModelList(
+        data=[_public(v, serving_id, evaluations.get(v.id)) for v in list_versions(session)]
+    )
 
 
 @router.post("/models/{name}/activate", response_model=ModelVersionPublic)

@@ -1,6 +1,7 @@
 """ORM tables. Importing this package registers every table on `Base.metadata`."""
 
 from app.models.api_key import ApiKey, Role
+from app.models.evaluation import Evaluation
 from app.models.feedback import Comparison, Feedback, Thumbs, Winner
 from app.models.generation import Generation, Task
 from app.models.idempotency import IdempotencyRecord
@@ -10,6 +11,7 @@ from app.models.training_run import RunStatus, TrainingRun
 __all__ = [
     "ApiKey",
     "Comparison",
+    "Evaluation",
     "Feedback",
     "Generation",
     "IdempotencyRecord",

@@ -10,6 +10,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.models import VersionKind, VersionStatus
 
 
+class EvaluationPublic(BaseModel):
+    """A version's automatic evaluation on the project's suite (references and open prompts)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    digest: str = Field(description="Revision of the suite: figures compare only within one.")
+    metrics: dict[str, float] = Field(
+        description="chrf and rouge_l (against references, 0-1), reference_score, repetition "
+        "(repeated word trigrams), distinct_2, mean_words, empty_fraction, opening_diversity, "
+        "base_perplexity (the base model's, of the answers)."
+    )
+    examples: list[dict[str, str]] = Field(description="A few open prompts and their answers.")
+    created_at: datetime
+
+
 class ModelVersionPublic(BaseModel):
     """One model version."""
 
@@ -32,6 +47,9 @@ class ModelVersionPublic(BaseModel):
     """Training and gate measurements (adapters)."""
     created_at: datetime
     activated_at: datetime | None
+    evaluation: EvaluationPublic | None = None
+    """Its newest automatic evaluation (a version is evaluated by the round that trains it, or
+    as the parent of the next round)."""
 
 
 class ModelList(BaseModel):

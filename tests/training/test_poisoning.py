@@ -272,7 +272,7 @@ def _round_outcome(settings: Settings, with_attacker: bool) -> dict[str, Any]:
 
 
 def test_a_round_with_a_flooding_attacker_has_the_same_outcome(
-    pg_url: str, tiny_model_dir: Path, tmp_path: Path
+    pg_url: str, tiny_model_dir: Path, tmp_path: Path, small_suite: Path
 ) -> None:
     """A real round: with the attacker flooding opposite thumbs, comparisons and junk corrections
     it trains on the same ratings and reaches the same decision as without them."""
@@ -283,6 +283,7 @@ def test_a_round_with_a_flooding_attacker_has_the_same_outcome(
         model_dtype="float32",
         admin_api_key=ADMIN_KEY,
         training_min_items=4,
+        evaluation_dir=small_suite,
     )
     clean = _round_outcome(settings, with_attacker=False)
     attacked = _round_outcome(settings, with_attacker=True)

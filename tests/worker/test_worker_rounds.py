@@ -42,7 +42,9 @@ DONE = re.compile(r"Task training\.run_round\[[^\]]+\] succeeded in [\d.]+s: '(\
 
 
 @pytest.fixture(params=["redis", "embedded"])
-def settings(request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path: Path) -> Settings:
+def settings(
+    request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path: Path, small_suite: Path
+) -> Settings:
     """Redis broker with PostgreSQL, or the embedded broker with SQLite: the two deployments."""
     if request.param == "redis":
         redis.Redis.from_url(REDIS_TEST_URL).flushdb()
@@ -60,6 +62,7 @@ def settings(request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path: Pat
         admin_api_key=ADMIN_KEY,
         training_min_items=4,
         training_stale_after=3,
+        evaluation_dir=small_suite,
         # With Redis, polling is effectively off: only a pub/sub announcement can make a swap.
         swap_poll_interval=1.0 if request.param == "embedded" else 3600.0,
     )

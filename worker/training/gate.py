@@ -263,7 +263,7 @@ def evaluate(
     if gains:
         metrics["preference_gain"] = sum(g * n for g, n in gains) / sum(n for _, n in gains)
 
-    prompts = [_render(tokenizer, p) for p in FIXED_PROMPTS]
+    prompts = [render_message(tokenizer, p) for p in FIXED_PROMPTS]
     new = greedy_answers(candidate, tokenizer, prompts, config.max_new_tokens, config.batch_size)
     with as_active() as model:
         old = greedy_answers(model, tokenizer, prompts, config.max_new_tokens, config.batch_size)
@@ -305,7 +305,8 @@ def judge(metrics: dict[str, Any], config: GateConfig) -> list[str]:
     return reasons
 
 
-def _render(tokenizer: Any, message: str) -> str:
+def render_message(tokenizer: Any, message: str) -> str:
+    """One user message in the model's chat template, ready for the assistant's answer."""
     return str(
         tokenizer.apply_chat_template(
             [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True

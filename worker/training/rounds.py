@@ -8,18 +8,20 @@ by someone else) stops, publishes nothing and removes only its own files.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -40,6 +42,7 @@ from app.models import (
     VersionKind,
 )
 from app.models.training_run import LIVE_STATUSES
+from app.services.evaluations import evaluation_of, record_evaluation
 from app.services.notify import announce_activation
 from app.services.training import (
     add_to_reason,
@@ -53,7 +56,8 @@ from app.services.versions import Published, active_version, next_name, publish_
 from app.training_config import GateConfig, TokenBudget, TrainConfig
 from worker.training.batches import RatingIds, ratings_of
 from worker.training.dataset import RoundData, build_round_data
-from worker.training.gate import evaluate
+from worker.training.evaluation import SUITE_DIR, Evaluation, Suite, evaluate_model, load_suite
+from worker.training.gate import device_of, evaluate
 from worker.training.train import train_adapter
 
 log = logging.getLogger(__name__)
@@ -328,7 +332,7 @@ def _run(
     _while_running(session, run_id, metrics=trained.metrics, history=trained.history)
     session.commit()
 
-    progress.phase = "gate"
+    progress.phase = "evaluation"
     heartbeat.check()
     active_model = None
     if parent_adapter is not None:
@@ -337,12 +341,23 @@ def _run(
         from worker.training.train import load_base
 
         active_model = PeftModel.from_pretrained(load_base(base_path), parent_adapter).eval()
+    evaluation = _evaluate(
+        session, run_id=run_id, parent=parent, candidate=trained.model, active=active_model,
+        tokenizer=tokenizer, gate_config=gate_config, budget=budget,
+        suite=load_suite(settings.evaluation_dir or SUITE_DIR),
+    )  # fmt: skip
+
+    progress.phase = "gate"
+    heartbeat.check()
     verdict = evaluate(
         trained.model, active_model, tokenizer, data.heldout_kto, data.heldout_pairs, gate_config,
         budget, batches,
     )  # fmt: skip
     batches(None)
-    metrics: dict[str, Any] = {**trained.metrics, **verdict.metrics, "passed": verdict.passed}
+    metrics: dict[str, Any] = {
+        **trained.metrics, **verdict.metrics, "passed": verdict.passed,
+        "evaluation": evaluation.metrics,
+    }  # fmt: skip
 
     progress.phase = "publishing"
     heartbeat.check()
@@ -382,7 +397,7 @@ def _run(
         # not at all.
         published, status = _publish(
             session, settings=settings, run_id=run_id, parent=parent, name=name, path=path,
-            manifest=manifest, gate_reasons=verdict.reasons, data=data,
+            manifest=manifest, gate_reasons=verdict.reasons, data=data, evaluation=evaluation,
         )  # fmt: skip
         # Read before the commit: nothing after it needs the database.
         version_id, activated = published.version.id, published.promoted
@@ -432,6 +447,7 @@ def _publish(
     manifest: dict[str, Any],
     gate_reasons: list[str],
     data: RoundData,
+    evaluation: Evaluation,
 ) -> tuple[Published, RunStatus]:
     """Mark the round's ratings used and publish its version (`publish_version`: rejected, or
     promoted if the active version is still its parent), while the run is still running; the
@@ -444,7 +460,58 @@ def _publish(
         session, name=name, base_model=settings.model, path=path, parent=parent,
         manifest=manifest, gate_reasons=gate_reasons,
     )  # fmt: skip
+    session.flush()  # the version's id, for its evaluation
+    record_evaluation(
+        session, version_id=published.version.id, digest=evaluation.digest, run_id=run_id,
+        metrics=evaluation.metrics, examples=evaluation.examples,
+    )  # fmt: skip
     return published, RunStatus.rejected if published.rejected else RunStatus.succeeded
+
+
+def _evaluate(
+    session: Session,
+    *,
+    run_id: int,
+    parent: ModelVersion,
+    candidate: Any,
+    active: Any | None,
+    tokenizer: Any,
+    gate_config: GateConfig,
+    budget: TokenBudget,
+    suite: Suite,
+) -> Evaluation:
+    """The candidate's evaluation; the parent's too, recorded now, if it has none on this suite
+    yet (the base's first round evaluates the base). `active` is the parent's model when it is
+    an adapter; None: the base, which is the candidate with its adapter disabled."""
+
+    @contextlib.contextmanager
+    def as_base() -> Iterator[Any]:
+        with candidate.disable_adapter():
+            yield candidate
+
+    def evaluated(model: Any) -> Evaluation:
+        return evaluate_model(
+            model, tokenizer, suite=suite, config=gate_config, budget=budget, as_base=as_base
+        )
+
+    if evaluation_of(session, version_id=parent.id, digest=suite.digest) is None:
+        if active is not None:
+            parents = evaluated(active.to(device_of(candidate)))
+        else:
+            with as_base() as base:
+                parents = evaluate_model(
+                    base, tokenizer, suite=suite, config=gate_config, budget=budget,
+                    as_base=lambda: contextlib.nullcontext(base),
+                )  # fmt: skip
+        record_evaluation(
+            session, version_id=parent.id, digest=suite.digest, run_id=run_id,
+            metrics=parents.metrics, examples=parents.examples,
+        )  # fmt: skip
+        try:  # a fact about the parent, whatever becomes of this round
+            session.commit()
+        except IntegrityError:  # a round declared lost recorded it first: the same figures
+            session.rollback()
+    return evaluated(candidate)
 
 
 def taken_ids(data: RoundData) -> RatingIds:

@@ -42,6 +42,22 @@ function versionRow(stats, model) {
   return el("tr", { dataset: { version: stats.name } }, cells);
 }
 
+function evaluationRow(model) {
+  const m = model.evaluation.metrics;
+  const fixed = (key, digits) => (m[key] === undefined ? "–" : m[key].toFixed(digits));
+  return el("tr", { dataset: { version: model.name } }, [
+    el("td", {}, el("strong", {}, model.name)),
+    el("td", { class: "num" }, fixed("chrf", 3)),
+    el("td", { class: "num" }, fixed("rouge_l", 3)),
+    el("td", { class: "num" }, fixed("repetition", 3)),
+    el("td", { class: "num" }, fixed("distinct_2", 3)),
+    el("td", { class: "num" }, fixed("mean_words", 1)),
+    el("td", { class: "num" }, fixed("opening_diversity", 2)),
+    el("td", { class: "num" }, fixed("base_perplexity", 1)),
+    el("td", { class: "meta" }, model.evaluation.digest),
+  ]);
+}
+
 // Activation is one click to arm and a second to confirm, so a stray click changes nothing.
 async function activate(name, button) {
   if (state.confirming !== name) {
@@ -225,6 +241,12 @@ async function refresh() {
       versions.data.map((v) => versionRow(v, byName[v.name])),
       "No versions yet.",
       admin ? 8 : 7,
+    );
+    fill(
+      "evaluations",
+      models.data.filter((m) => m.evaluation).map(evaluationRow),
+      "No version evaluated yet: a training round evaluates its candidate and its parent.",
+      9,
     );
     $("leaderboard-method").textContent = board.method;
     fill(

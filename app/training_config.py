@@ -66,9 +66,32 @@ class TokenBudget:
         prompt = list(prompt_ids[len(prompt_ids) - self.max_prompt_length :])
         return prompt, list(answer_ids[: self.max_length - len(prompt)])
 
+    def encode(self, tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], int]:
+        """Prompt, completion and EOS as token ids cut by the truncation rule, and the kept
+        prompt's length: how the gate and the reward model see a rated answer."""
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
+        kept_prompt, kept_completion = self.truncate(
+            prompt_ids, [*completion_ids, tokenizer.eos_token_id]
+        )
+        return kept_prompt + kept_completion, len(kept_prompt)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values."""
         return asdict(self)
+
+
+def token_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices of rows, longest first, grouped so that rows x the longest stays within
+    `batch_tokens` (a longer row goes alone)."""
+    batches: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        batch = batches[-1] if batches else []
+        if batch and (len(batch) + 1) * lengths[batch[0]] <= batch_tokens:
+            batch.append(index)
+        else:
+            batches.append([index])
+    return batches
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -124,7 +147,62 @@ class GateConfig:
     """Tokens generated per fixed prompt."""
     batch_size: Annotated[int, Field(ge=1, le=256)] = 8
     """Fixed prompts generated together (held-out ratings are batched by token budget)."""
+    # Bounds on the automatic evaluation's open prompts, each checked against the base's figures
+    # and against the active version's (a slow drift over rounds and a jump in one round).
+    max_repetition_growth: Annotated[float, Field(ge=1)] = 1.25
+    """Largest repeated-word-trigram share, as a multiple of a reference version's (plus
+    `repetition_slack`)."""
+    repetition_slack: Annotated[float, Field(ge=0, le=1)] = 0.01
+    """Absolute room above the repetition bound, so that noise on a near-zero share passes."""
+    min_distinct_ratio: Annotated[float, Field(ge=0, le=1)] = 0.8
+    """Smallest share of distinct word pairs, relative to a reference version's."""
+    max_length_change: Annotated[float, Field(gt=0, le=10)] = 0.25
+    """Largest relative change of the mean answer length in words, either way."""
+    min_opening_ratio: Annotated[float, Field(ge=0, le=1)] = 0.6
+    """Smallest variety of answer openings (first words, list or not), relative to a reference
+    version's: low when answers collapse into one format."""
+    max_perplexity_growth: Annotated[float, Field(ge=1)] = 1.5
+    """Largest perplexity of its answers under the base model, as a multiple of a reference
+    version's: its answers must stay language the base finds likely."""
+    max_reference_drop: Annotated[float, Field(ge=0, le=1)] = 0.05
+    """Largest fall of the mean chrF/ROUGE-L against the references, in absolute terms."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values."""
         return asdict(self)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RewardModelConfig:
+    """How a round trains its reward model: the base model with a LoRA adapter and a scalar head."""
+
+    lora_r: Annotated[int, Field(ge=1, le=256)] = 16
+    """LoRA rank of the reward model's adapter."""
+    lora_alpha: Annotated[int, Field(ge=1)] = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Dropout on the LoRA path during training."""
+    target_modules: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )  # fmt: skip
+    """Which linear layers get adapters (all of a Llama block's); the score head is always
+    trained whole."""
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 1e-4
+    """AdamW step size, for the adapter and the score head alike."""
+    epochs: Annotated[int, Field(ge=1, le=100)] = 2
+    """Passes over the training rows."""
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+    """Rows (a pair or a single rating each) per optimiser step; micro-batches hold at most
+    TokenBudget.batch_tokens padded tokens, and gradients accumulate over them."""
+    pointwise_weight: Annotated[float, Field(ge=0)] = 1.0
+    """Weight of a thumbs or stars row's logistic loss against a pair's Bradley-Terry loss."""
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    """Gradients are clipped to this norm before each optimiser step."""
+    seed: int = 0
+    """Seeds the score head's initial weights and the order of the rows."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values."""
+        values = asdict(self)
+        values["target_modules"] = list(self.target_modules)
+        return values

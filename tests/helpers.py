@@ -257,7 +257,14 @@ def url(path: str) -> str:
 BETTER = "Certainly! Here is a short, friendly answer."
 # Rounds on the tiny model stay fast: few ratings, one pass, short gate answers.
 FAST = {"learning_rate": 1e-2, "epochs": 1, "batch_size": 8}
-QUICK_GATE = {"max_new_tokens": 8}
+UNBOUNDED_EVALUATION = {
+    "repetition_slack": 1.0, "min_distinct_ratio": 0.0, "max_length_change": 10.0,
+    "min_opening_ratio": 0.0, "max_perplexity_growth": 1e12, "max_reference_drop": 1.0,
+}  # fmt: skip
+"""Gate options that turn the evaluation's degeneration bounds off: the tiny model's trained
+answers repeat the correction they learnt, which the bounds rightly reject; tests of rounds'
+other behaviour need a round that can pass (tests/training/test_evaluation.py tests the bounds)."""
+QUICK_GATE = {"max_new_tokens": 8, **UNBOUNDED_EVALUATION}
 RATED = 10
 
 

@@ -15,8 +15,15 @@ from sqlalchemy import select
 from app.config import Settings
 from app.models import Evaluation, ModelVersion, RunStatus
 from app.services.prompts import language_name
+from app.training_config import GateConfig
 from tests.helpers import FAST, QUICK_GATE, RATED, ROOT, rate_with_corrections, start
-from worker.training.evaluation import SUITE_DIR, distinct_ngrams, load_suite, opening_diversity
+from worker.training.evaluation import (
+    SUITE_DIR,
+    degeneration,
+    distinct_ngrams,
+    load_suite,
+    opening_diversity,
+)
 from worker.training.rounds import run_round
 
 MEASURES = {
@@ -110,3 +117,60 @@ def test_the_suite_s_digest_changes_with_its_files(tmp_path: Path) -> None:
     with (tmp_path / "prompts.jsonl").open("a") as handle:
         handle.write('{"id": "p-extra", "prompt": "Name a colour."}\n')
     assert load_suite(tmp_path).digest != same.digest
+
+
+BASE = {
+    "repetition": 0.02, "distinct_2": 0.8, "mean_words": 40.0, "opening_diversity": 0.9,
+    "base_perplexity": 6.0, "reference_score": 0.4,
+}  # fmt: skip
+
+
+def test_each_degeneration_bound_is_checked_against_every_reference_and_named() -> None:
+    """The candidate of issue 16's reward hacking: trigrams repeated twice as often, answers 20%
+    shorter and in one format; each broken bound is named with the version it is relative to."""
+    config = GateConfig()
+    assert degeneration(dict(BASE), {"v0 (the base)": BASE}, config) == []
+    hacked = {
+        **BASE, "repetition": 0.046, "distinct_2": 0.5, "mean_words": 32.0,
+        "opening_diversity": 0.1, "base_perplexity": 12.0, "reference_score": 0.3,
+    }  # fmt: skip
+    active = {**BASE, "mean_words": 20.0}
+    reasons = degeneration(hacked, {"v0 (the base)": BASE, "v3 (active)": active}, config)
+    assert [r.split(":")[0] for r in reasons] == [
+        "repetition", "distinct word pairs", "format collapse", "base perplexity", "references",
+        "repetition", "distinct word pairs", "length", "format collapse", "base perplexity",
+        "references",
+    ]  # fmt: skip
+    assert "(1.25x v0 (the base)'s 0.020 + 0.01)" in reasons[0]
+    assert "more than 25% from v3 (active)'s 20.0" in reasons[7]  # 32 is 20% short of v0's 40
+    assert (
+        degeneration({**BASE, "mean_words": 5}, {"v0": {**BASE, "mean_words": 0.0}}, config) == []
+    )
+
+
+def test_a_candidate_that_breaks_a_bound_is_rejected_saying_which(
+    client: TestClient, admin: dict[str, str], sessions: Any, settings: Settings
+) -> None:
+    """The base's recorded figures are what the candidate is bounded against: with the base's
+    perplexity recorded as 1, no candidate stays within 1.5x of it."""
+    from app.services.evaluations import record_evaluation
+
+    settings = settings.model_copy(update={"training_min_items": 4})
+    suite = load_suite(settings.evaluation_dir)
+    with sessions() as session:
+        v0 = session.scalars(select(ModelVersion)).one()
+        base = {**BASE, "repetition": 1.0, "distinct_2": 0.0, "mean_words": 0.0}
+        record_evaluation(
+            session, version_id=v0.id, digest=suite.digest, run_id=None,
+            metrics={**base, "base_perplexity": 1.0, "reference_score": 0.0}, examples=[],
+        )  # fmt: skip
+        session.commit()
+    rate_with_corrections(client, admin, RATED)
+    run_id = start(sessions, {"train": FAST, "gate": {"max_new_tokens": 8}})  # default bounds
+    assert run_round(sessions, settings, run_id) is RunStatus.rejected
+    run = client.get(f"/v1/training/runs/{run_id}", headers=admin).json()
+    assert "base perplexity" in run["reason"] and "1.5x v0 (the base)'s 1.0" in run["reason"]
+    assert run["metrics"]["passed"] is False
+    assert run["metrics"]["evaluation_references"]["v0 (the base)"]["base_perplexity"] == 1.0
+    listed = {m["name"]: m for m in client.get("/v1/models", headers=admin).json()["data"]}
+    assert listed["v1"]["status"] == "rejected" and listed["v1"]["evaluation"] is not None

@@ -13,14 +13,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app.training_config import GateConfig, TokenBudget
+from app.training_config import GateConfig, TokenBudget, token_batches
 from worker.training.gate import (
     completion_logprobs,
     evaluate,
     judge,
     kl_to_base,
     repetition,
-    token_batches,
 )
 
 SMALL = TokenBudget(max_length=128, max_prompt_length=64, batch_tokens=384, chunk_tokens=32)

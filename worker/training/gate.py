@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from app.services.datasets import KtoRow, PairRow
-from app.training_config import GateConfig, TokenBudget
+from app.training_config import GateConfig, TokenBudget, token_batches
 from worker.training.batches import OnBatch, no_batches, ratings_of
 
 FIXED_PROMPTS = (
@@ -35,31 +35,6 @@ class GateResult:
     passed: bool
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def encode(
-    tokenizer: Any, prompt: str, completion: str, budget: TokenBudget
-) -> tuple[list[int], int]:
-    """Prompt, completion and EOS as token ids cut by the truncation rule, and the prompt length."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
-    kept_prompt, kept_completion = budget.truncate(
-        prompt_ids, [*completion_ids, tokenizer.eos_token_id]
-    )
-    return kept_prompt + kept_completion, len(kept_prompt)
-
-
-def token_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Indices of rows, longest first, grouped so that rows x the longest stays within
-    `batch_tokens` (a longer row goes alone)."""
-    batches: list[list[int]] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        batch = batches[-1] if batches else []
-        if batch and (len(batch) + 1) * lengths[batch[0]] <= batch_tokens:
-            batch.append(index)
-        else:
-            batches.append([index])
-    return batches
 
 
 def _backbone_and_head(model: Any) -> tuple[Any, Any]:
@@ -98,7 +73,7 @@ def completion_logprobs(
     cut by the truncation rule, in batches of at most `budget.batch_tokens` padded tokens;
     `on_batch` is told the indices of each batch's items before it is computed on, and None
     once it is done."""
-    encoded = [encode(tokenizer, prompt, completion, budget) for prompt, completion in items]
+    encoded = [budget.encode(tokenizer, prompt, completion) for prompt, completion in items]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     backbone, head = _backbone_and_head(model)
     device = device_of(model)

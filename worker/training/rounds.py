@@ -56,7 +56,14 @@ from app.services.versions import Published, active_version, next_name, publish_
 from app.training_config import GateConfig, TokenBudget, TrainConfig
 from worker.training.batches import RatingIds, ratings_of
 from worker.training.dataset import RoundData, build_round_data
-from worker.training.evaluation import SUITE_DIR, Evaluation, Suite, evaluate_model, load_suite
+from worker.training.evaluation import (
+    SUITE_DIR,
+    Evaluation,
+    Suite,
+    degeneration,
+    evaluate_model,
+    load_suite,
+)
 from worker.training.gate import device_of, evaluate
 from worker.training.train import train_adapter
 
@@ -341,7 +348,7 @@ def _run(
         from worker.training.train import load_base
 
         active_model = PeftModel.from_pretrained(load_base(base_path), parent_adapter).eval()
-    evaluation = _evaluate(
+    evaluation, references = _evaluate(
         session, run_id=run_id, parent=parent, candidate=trained.model, active=active_model,
         tokenizer=tokenizer, gate_config=gate_config, budget=budget,
         suite=load_suite(settings.evaluation_dir or SUITE_DIR),
@@ -354,9 +361,11 @@ def _run(
         budget, batches,
     )  # fmt: skip
     batches(None)
+    # The evaluation's bounds join the gate's: a candidate that breaks any is rejected.
+    reasons = [*verdict.reasons, *degeneration(evaluation.metrics, references, gate_config)]
     metrics: dict[str, Any] = {
-        **trained.metrics, **verdict.metrics, "passed": verdict.passed,
-        "evaluation": evaluation.metrics,
+        **trained.metrics, **verdict.metrics, "passed": not reasons,
+        "evaluation": evaluation.metrics, "evaluation_references": references,
     }  # fmt: skip
 
     progress.phase = "publishing"
@@ -397,7 +406,7 @@ def _run(
         # not at all.
         published, status = _publish(
             session, settings=settings, run_id=run_id, parent=parent, name=name, path=path,
-            manifest=manifest, gate_reasons=verdict.reasons, data=data, evaluation=evaluation,
+            manifest=manifest, gate_reasons=reasons, data=data, evaluation=evaluation,
         )  # fmt: skip
         # Read before the commit: nothing after it needs the database.
         version_id, activated = published.version.id, published.promoted
@@ -479,10 +488,11 @@ def _evaluate(
     gate_config: GateConfig,
     budget: TokenBudget,
     suite: Suite,
-) -> Evaluation:
-    """The candidate's evaluation; the parent's too, recorded now, if it has none on this suite
-    yet (the base's first round evaluates the base). `active` is the parent's model when it is
-    an adapter; None: the base, which is the candidate with its adapter disabled."""
+) -> tuple[Evaluation, dict[str, dict[str, float]]]:
+    """The candidate's evaluation, and the figures of the versions it is bounded against (the
+    base's and the parent's, by a name for the gate's reasons), each evaluated and recorded now
+    if it has none on this suite yet. `active` is the parent's model when it is an adapter;
+    None: the base, which is the candidate with its adapter disabled."""
 
     @contextlib.contextmanager
     def as_base() -> Iterator[Any]:
@@ -494,24 +504,47 @@ def _evaluate(
             model, tokenizer, suite=suite, config=gate_config, budget=budget, as_base=as_base
         )
 
-    if evaluation_of(session, version_id=parent.id, digest=suite.digest) is None:
-        if active is not None:
-            parents = evaluated(active.to(device_of(candidate)))
+    def of_base() -> Evaluation:
+        with as_base() as base:
+            return evaluate_model(
+                base, tokenizer, suite=suite, config=gate_config, budget=budget,
+                as_base=lambda: contextlib.nullcontext(base),
+            )  # fmt: skip
+
+    root = parent
+    while root.parent_id is not None and (above := session.get(ModelVersion, root.parent_id)):
+        root = above
+    bounded = [(root, "the base")] + ([(parent, "active")] if parent.id != root.id else [])
+    references: dict[str, dict[str, float]] = {}
+    for version, label in bounded:
+        found = evaluation_of(session, version_id=version.id, digest=suite.digest)
+        if found is not None:
+            metrics = dict(found.metrics)
+        elif version.id == root.id:
+            metrics = _recorded(session, version, run_id, of_base())
         else:
-            with as_base() as base:
-                parents = evaluate_model(
-                    base, tokenizer, suite=suite, config=gate_config, budget=budget,
-                    as_base=lambda: contextlib.nullcontext(base),
-                )  # fmt: skip
-        record_evaluation(
-            session, version_id=parent.id, digest=suite.digest, run_id=run_id,
-            metrics=parents.metrics, examples=parents.examples,
-        )  # fmt: skip
-        try:  # a fact about the parent, whatever becomes of this round
-            session.commit()
-        except IntegrityError:  # a round declared lost recorded it first: the same figures
-            session.rollback()
-    return evaluated(candidate)
+            assert active is not None, "an adapter parent comes with its model"
+            metrics = _recorded(
+                session, version, run_id, evaluated(active.to(device_of(candidate)))
+            )
+        references[f"{version.name} ({label})"] = metrics
+    return evaluated(candidate), references
+
+
+def _recorded(
+    session: Session, version: ModelVersion, run_id: int, evaluation: Evaluation
+) -> dict[str, float]:
+    """Record an existing version's evaluation now, a fact about it whatever becomes of the
+    round (a lost round that recorded it first recorded the same figures); its figures."""
+    record_evaluation(
+        session, version_id=version.id, digest=evaluation.digest, run_id=run_id,
+        metrics=evaluation.metrics, examples=evaluation.examples,
+    )  # fmt: skip
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+    return evaluation.metrics
 
 
 def taken_ids(data: RoundData) -> RatingIds:

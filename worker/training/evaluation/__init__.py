@@ -115,6 +115,56 @@ def evaluate_model(
     return Evaluation(digest=suite.digest, metrics=metrics, examples=examples)
 
 
+def degeneration(
+    candidate: dict[str, float], references: dict[str, dict[str, float]], config: GateConfig
+) -> list[str]:
+    """Which bounds the candidate's evaluation breaks relative to each reference version's (by
+    name: the base's and the active's), each reason naming the bound (none: it passes)."""
+    reasons: list[str] = []
+    for name, reference in references.items():
+        repetition = (
+            reference["repetition"] * config.max_repetition_growth + config.repetition_slack
+        )
+        if candidate["repetition"] > repetition:
+            reasons.append(
+                f"repetition: {candidate['repetition']:.3f} of word trigrams repeat, above "
+                f"{repetition:.3f} ({config.max_repetition_growth}x {name}'s "
+                f"{reference['repetition']:.3f} + {config.repetition_slack})"
+            )
+        distinct = reference["distinct_2"] * config.min_distinct_ratio
+        if candidate["distinct_2"] < distinct:
+            reasons.append(
+                f"distinct word pairs: {candidate['distinct_2']:.3f}, below {distinct:.3f} "
+                f"({config.min_distinct_ratio}x {name}'s {reference['distinct_2']:.3f})"
+            )
+        words = reference["mean_words"]
+        if words >= 1 and abs(candidate["mean_words"] / words - 1) > config.max_length_change:
+            reasons.append(
+                f"length: {candidate['mean_words']:.1f} words an answer, more than "
+                f"{config.max_length_change:.0%} from {name}'s {words:.1f}"
+            )
+        openings = reference["opening_diversity"] * config.min_opening_ratio
+        if candidate["opening_diversity"] < openings:
+            reasons.append(
+                f"format collapse: opening variety {candidate['opening_diversity']:.2f}, below "
+                f"{openings:.2f} ({config.min_opening_ratio}x {name}'s "
+                f"{reference['opening_diversity']:.2f})"
+            )
+        perplexity = reference["base_perplexity"] * config.max_perplexity_growth
+        if candidate["base_perplexity"] > perplexity:
+            reasons.append(
+                f"base perplexity: {candidate['base_perplexity']:.1f}, above {perplexity:.1f} "
+                f"({config.max_perplexity_growth}x {name}'s {reference['base_perplexity']:.1f})"
+            )
+        floor = reference["reference_score"] - config.max_reference_drop
+        if candidate["reference_score"] < floor:
+            reasons.append(
+                f"references: chrF/ROUGE-L {candidate['reference_score']:.3f}, below {floor:.3f} "
+                f"({name}'s {reference['reference_score']:.3f} - {config.max_reference_drop})"
+            )
+    return reasons
+
+
 def distinct_ngrams(answers: Sequence[str], n: int) -> float:
     """Distinct word n-grams over all answers, as a share of all their n-grams (1: no repeats)."""
     grams = [

@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     """Positions projected to vocabulary logits at once when the gate computes log-probabilities:
     its logits never exceed this many x vocabulary floats (256 x 49,152 x 4 bytes = 48 MiB on
     the default model), however long or many the sequences."""
+    training_reward_model: bool = True
+    """Whether every round also trains a reward model on its ratings (pairs and thumbs/stars),
+    measures it on the held-out ones (accuracy, Brier, ECE, on the run) and keeps it, verified,
+    in DATA_DIR/reward_models/; it costs a round about as much again as a KTO phase."""
     evaluation_dir: Path | None = None
     """Folder of the evaluation suite every round's candidate (and its parent) is scored on:
     `references.jsonl` and `prompts.jsonl`; unset: the project's own, in
@@ -233,6 +237,11 @@ class Settings(BaseSettings):
     def admin_key_file(self) -> Path:
         """Where a generated bootstrap admin key is kept (owner-readable only)."""
         return self.data_dir / "admin_key"
+
+    @property
+    def reward_models_dir(self) -> Path:
+        """Where rounds keep their reward models, one verified directory each."""
+        return self.data_dir / "reward_models"
 
     @property
     def versions_dir(self) -> Path:

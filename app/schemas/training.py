@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.models import RunStatus, TrainingRun
 from app.schemas.common import StrictModel
-from app.training_config import GateConfig, TrainConfig
+from app.training_config import GateConfig, RewardModelConfig, TrainConfig
 
 
 class TrainingRunCreate(StrictModel):
@@ -22,6 +22,7 @@ class TrainingRunCreate(StrictModel):
 
     train: TrainConfig | None = None
     gate: GateConfig | None = None
+    reward_model: RewardModelConfig | None = None
 
 
 PER_RATER_COUNTS = ("excluded_raters", "consensus")

@@ -15,15 +15,20 @@ from typing import Any
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from safetensors.torch import load_file
+from sqlalchemy import select
 from transformers import AutoTokenizer
 
+from app.config import Settings
 from app.engine import reward_model as engine_reward_model
 from app.engine.chat import chat_prompt
 from app.engine.checkpoints import CorruptCheckpoint, verify_checkpoint
 from app.engine.reward_model import RewardScorer, load_classifier
+from app.models import ModelVersion, RunStatus, TrainingRun
 from app.services.datasets import KtoRow, PairRow
 from app.training_config import RewardModelConfig, TokenBudget
+from tests.helpers import FAST, QUICK_GATE, RATED, rate_with_corrections, start
 from worker.training import reward_model
 from worker.training.reward_model import (
     TrainedRewardModel,
@@ -32,6 +37,7 @@ from worker.training.reward_model import (
     save_reward_model,
     train_reward_model,
 )
+from worker.training.rounds import run_round
 
 SUBJECTS = (
     "the sea", "mountains", "bread", "trains", "music", "rain", "cats", "chess", "gardens",
@@ -268,3 +274,72 @@ def test_held_out_figures_on_constructed_numbers() -> None:
     assert expected_calibration_error([0.9, 0.1], [0, 1]) == pytest.approx(0.9)
     # A pair forecast at 0.75, counted both ways round at half weight: 0.25 off in each bin.
     assert reward_metrics([1.0986123], [], [])["rm_ece"] == pytest.approx(0.25, abs=1e-6)
+
+
+# In rounds
+
+
+def test_a_round_trains_keeps_and_reports_its_reward_model(
+    client: TestClient, admin: dict[str, str], sessions: Any, settings: Settings
+) -> None:
+    """Every round trains a reward model on its training ratings: its held-out figures are on
+    the run, and its verified checkpoint is kept, named after the round."""
+    settings = settings.model_copy(update={"training_min_items": 4})
+    rate_with_corrections(client, admin, RATED)
+    run_id = start(sessions, {"train": FAST, "gate": QUICK_GATE, "reward_model": {"epochs": 1}})
+    assert run_round(sessions, settings, run_id) is RunStatus.succeeded
+    run = client.get(f"/v1/training/runs/{run_id}", headers=admin).json()
+    metrics = run["metrics"]
+    assert run["config"]["reward_model"]["epochs"] == 1
+    assert {"rm_heldout_accuracy", "rm_brier", "rm_ece", "rm_train_loss"} <= set(metrics)
+    assert metrics["rm_heldout_pairs"] == run["counts"]["heldout_pairs"] > 0
+    path = Path(metrics["reward_model_path"])
+    assert path == settings.reward_models_dir / f"rm.run{run_id}"
+    manifest = verify_checkpoint(path)
+    assert manifest["kind"] == "reward_model" and manifest["training_run"] == run_id
+    assert manifest["metrics"]["rm_heldout_accuracy"] == metrics["rm_heldout_accuracy"]
+
+
+def test_a_round_without_a_reward_model_trains_none(
+    client: TestClient, admin: dict[str, str], sessions: Any, settings: Settings
+) -> None:
+    settings = settings.model_copy(update={"training_min_items": 4, "training_reward_model": False})
+    rate_with_corrections(client, admin, RATED)
+    run_id = start(sessions, {"train": FAST, "gate": QUICK_GATE})
+    assert run_round(sessions, settings, run_id) is RunStatus.succeeded
+    run = client.get(f"/v1/training/runs/{run_id}", headers=admin).json()
+    assert "reward_model" not in run["config"]
+    assert not [name for name in run["metrics"] if name.startswith("rm_")]
+    assert not settings.reward_models_dir.exists()
+
+
+def test_a_round_removes_the_reward_models_of_rounds_that_published_nothing(
+    client: TestClient, sessions: Any, settings: Settings
+) -> None:
+    """Kept: a live round's and a finished round's with a version; removed: a failed round's
+    and partial writes."""
+    from app.engine.checkpoints import write_checkpoint
+    from app.services.training import claim, request_run
+    from worker.training.rounds import _remove_stale_reward_models
+
+    with sessions() as session:
+        failed = TrainingRun(status=RunStatus.failed, trigger="manual")
+        published = TrainingRun(status=RunStatus.rejected, trigger="manual")
+        published.version_id = session.scalars(select(ModelVersion.id)).one()  # v0
+        session.add_all([failed, published])
+        session.commit()
+        live, _ = request_run(session, trigger="manual")
+        assert claim(session, live.id)
+        runs = {"failed": failed.id, "published": published.id, "live": live.id}
+
+    directory = settings.reward_models_dir
+    for run_id in runs.values():
+        write_checkpoint(
+            directory, f"rm.run{run_id}", lambda d: (d / "w").write_text("w"),
+            {"kind": "reward_model", "training_run": run_id},
+        )  # fmt: skip
+    (directory / ".tmp-rm.run9-0000").mkdir()
+    with sessions() as session:
+        _remove_stale_reward_models(session, directory)
+    kept = sorted(p.name for p in directory.iterdir())
+    assert kept == sorted(f"rm.run{runs[n]}" for n in ("published", "live"))

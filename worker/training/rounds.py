@@ -53,7 +53,7 @@ from app.services.training import (
     transition,
 )
 from app.services.versions import Published, active_version, next_name, publish_version
-from app.training_config import GateConfig, TokenBudget, TrainConfig
+from app.training_config import GateConfig, RewardModelConfig, TokenBudget, TrainConfig
 from worker.training.batches import RatingIds, ratings_of
 from worker.training.dataset import RoundData, build_round_data
 from worker.training.evaluation import (
@@ -299,12 +299,16 @@ def _run(
         raise RuntimeError("no active model version to train from")
     train_config = TrainConfig(**run.config.get("train", {}))
     gate_config = GateConfig(**run.config.get("gate", {}))
+    reward_config = RewardModelConfig(**run.config.get("reward_model", {}))
     budget = TokenBudget.from_settings(settings)
     _remove_orphans(session, settings.versions_dir, run_id)
+    _remove_stale_reward_models(session, settings.reward_models_dir)
     data = build_round_data(session, settings)
+    config = {"train": train_config.to_dict(), "gate": gate_config.to_dict()}
+    if settings.training_reward_model:
+        config["reward_model"] = reward_config.to_dict()
     _while_running(
-        session, run_id, parent_version_id=parent.id, counts=data.counts(),
-        config={"train": train_config.to_dict(), "gate": gate_config.to_dict()},
+        session, run_id, parent_version_id=parent.id, counts=data.counts(), config=config,
         data_ids=taken_ids(data), batch_ids=None,
     )  # fmt: skip
     session.commit()
@@ -321,14 +325,25 @@ def _run(
         session.commit()
         return RunStatus.skipped
 
-    progress.phase = "training"
-    heartbeat.check()
     from transformers import AutoTokenizer  # heavy: only when a round really trains
 
     base_path = base_model_dir(settings)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    parent_adapter = Path(parent.path) if parent.kind is VersionKind.adapter else None
     batches = BatchLog(session, run_id, progress, heartbeat.check)
+    reward: dict[str, Any] = {}
+    if settings.training_reward_model:
+        progress.phase = "reward model"
+        heartbeat.check()
+        reward = _train_reward_model(
+            settings, run_id=run_id, base_path=base_path, data=data, config=reward_config,
+            tokenizer=tokenizer, budget=budget, heartbeat=heartbeat, batches=batches,
+        )  # fmt: skip
+        _while_running(session, run_id, metrics=reward)
+        session.commit()
+
+    progress.phase = "training"
+    heartbeat.check()
+    parent_adapter = Path(parent.path) if parent.kind is VersionKind.adapter else None
     trained = train_adapter(
         base_path, parent_adapter, data.train_kto, data.train_pairs, train_config, tokenizer,
         lambda step: heartbeat.check(), budget, batches,
@@ -336,7 +351,7 @@ def _run(
     batches(None)
 
     # The curves are on the run while it gates (and stay there if the gate fails).
-    _while_running(session, run_id, metrics=trained.metrics, history=trained.history)
+    _while_running(session, run_id, metrics={**reward, **trained.metrics}, history=trained.history)
     session.commit()
 
     progress.phase = "evaluation"
@@ -364,7 +379,7 @@ def _run(
     # The evaluation's bounds join the gate's: a candidate that breaks any is rejected.
     reasons = [*verdict.reasons, *degeneration(evaluation.metrics, references, gate_config)]
     metrics: dict[str, Any] = {
-        **trained.metrics, **verdict.metrics, "passed": not reasons,
+        **reward, **trained.metrics, **verdict.metrics, "passed": not reasons,
         "evaluation": evaluation.metrics, "evaluation_references": references,
     }  # fmt: skip
 
@@ -475,6 +490,62 @@ def _publish(
         metrics=evaluation.metrics, examples=evaluation.examples,
     )  # fmt: skip
     return published, RunStatus.rejected if published.rejected else RunStatus.succeeded
+
+
+def _train_reward_model(
+    settings: Settings,
+    *,
+    run_id: int,
+    base_path: Path,
+    data: RoundData,
+    config: RewardModelConfig,
+    tokenizer: Any,
+    budget: TokenBudget,
+    heartbeat: Heartbeat,
+    batches: BatchLog,
+) -> dict[str, Any]:
+    """Train the round's reward model on its training ratings, measure it on the held-out ones,
+    keep it as a verified checkpoint named after the round, and free it; its figures (the
+    `rm_*` metrics, with `reward_model_path`)."""
+    import gc
+
+    from worker.training.reward_model import save_reward_model, train_reward_model
+
+    trained = train_reward_model(
+        base_path, train_kto=data.train_kto, train_pairs=data.train_pairs,
+        heldout_kto=data.heldout_kto, heldout_pairs=data.heldout_pairs, config=config,
+        tokenizer=tokenizer, budget=budget, on_step=lambda step: heartbeat.check(),
+        on_batch=batches,
+    )  # fmt: skip
+    batches(None)
+    path = save_reward_model(
+        trained, settings.reward_models_dir, f"rm.run{run_id}",
+        {"base_model": settings.model, "training_run": run_id},
+    )  # fmt: skip
+    metrics = {**trained.metrics, "reward_model_path": str(path)}
+    del trained  # its weights and optimiser state, before the policy trains
+    gc.collect()
+    return metrics
+
+
+def _remove_stale_reward_models(session: Session, directory: Path) -> None:
+    """Delete reward models of rounds that ended without publishing (failed, or lost), and
+    partial writes: only those of finished rounds with a version, and of live ones, are kept."""
+    for partial in remove_partials(directory):
+        log.warning("removed the partial reward model directory %s", partial)
+    if not directory.is_dir():
+        return
+    kept = set(
+        session.scalars(
+            select(TrainingRun.id).where(
+                TrainingRun.status.in_(LIVE_STATUSES) | TrainingRun.version_id.is_not(None)
+            )
+        )
+    )
+    for path in directory.iterdir():
+        if path.is_dir() and _writer(path) not in kept:
+            log.warning("removed %s: its round published nothing", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _evaluate(

@@ -147,12 +147,9 @@ def chrf(
     """Character n-gram F-score (sacrebleu's chrF) against the reference, in [0, 1]."""
     import sacrebleu
 
-    return [
-        None
-        if sample.reference is None
-        else sacrebleu.sentence_chrf(sample.answer, [sample.reference]).score / 100
-        for sample in samples
-    ]
+    return _against_reference(
+        samples, lambda answer, reference: sacrebleu.sentence_chrf(answer, [reference]).score / 100
+    )
 
 
 def bleu(
@@ -161,12 +158,9 @@ def bleu(
     """Sentence BLEU (sacrebleu, with effective order for short answers) against the reference."""
     import sacrebleu
 
-    return [
-        None
-        if sample.reference is None
-        else sacrebleu.sentence_bleu(sample.answer, [sample.reference]).score / 100
-        for sample in samples
-    ]
+    return _against_reference(
+        samples, lambda answer, reference: sacrebleu.sentence_bleu(answer, [reference]).score / 100
+    )
 
 
 def rouge_l(
@@ -174,12 +168,16 @@ def rouge_l(
 ) -> list[float | None]:
     """ROUGE-L F-measure (rouge-score) against the reference, on words of any script."""
     scorer = _rouge_scorer()
-    return [
-        None
-        if sample.reference is None
-        else scorer.score(sample.reference, sample.answer)["rougeL"].fmeasure
-        for sample in samples
-    ]
+    return _against_reference(
+        samples, lambda answer, reference: scorer.score(reference, answer)["rougeL"].fmeasure
+    )
+
+
+def _against_reference(
+    samples: Sequence[Sample], score: Callable[[str, str], float]
+) -> list[float | None]:
+    """`score(answer, reference)` of each sample that has a reference; None for the others."""
+    return [None if s.reference is None else score(s.answer, s.reference) for s in samples]
 
 
 def reward_model(

@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.models import Comparison, Feedback, Generation, ModelVersion, Thumbs, Winner
-from tests.helpers import ADMIN_KEY, reset_database
+from tests.helpers import ADMIN_KEY, QUICK_GATE, reset_database
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -326,7 +326,7 @@ def test_dashboard_shows_quality_runs_and_the_leaderboard_and_admins_act(
     with sessions() as session:
         run, _ = request_run(
             session, trigger="manual",
-            config={"train": {"learning_rate": 1e-2, "epochs": 1}, "gate": {"max_new_tokens": 8}},
+            config={"train": {"learning_rate": 1e-2, "epochs": 1}, "gate": QUICK_GATE},
         )  # fmt: skip
         run_id = run.id
     round_settings = settings.model_copy(update={"training_min_items": 4})
@@ -346,6 +346,9 @@ def test_dashboard_shows_quality_runs_and_the_leaderboard_and_admins_act(
     expect(page.locator("#chart-daily canvas")).to_have_count(1)
     expect(page.locator("#chart-approval canvas")).to_have_count(1)
     expect(page.locator("#run-gate")).to_contain_text("preference_gain")
+    expect(page.locator("#run-gate")).to_contain_text("rm_heldout_accuracy")
+    for version in ("v0", "v1"):  # the round evaluated its parent and its candidate
+        expect(cell(page, "evaluations", version, 1)).to_have_text(re.compile(r"^0\.\d{3}$"))
     shot(page, "08-dashboard")
 
     # Roll back: one click arms, the second confirms.

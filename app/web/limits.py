@@ -3,6 +3,8 @@ and the shape of a JSON body (well-formed, and not nested beyond MAX_JSON_DEPTH)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import re
@@ -44,13 +46,14 @@ class BodyLimit:
             await self._refuse(scope, receive, send)
             return
         received = 0
-        started = False
+        started = whole = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, whole
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                whole = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
             return message
@@ -65,12 +68,33 @@ class BodyLimit:
         except BodyTooLarge:
             if started:
                 raise
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, unread=not whole)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, unread: bool = True
+    ) -> None:
+        # Read (and drop) what the client is still sending, up to DRAIN_FACTOR x the limit,
+        # before answering: a connection closed with the body unread is reset, and a proxy that
+        # is still writing the body to it then answers 502 instead of this 413. (Once the body
+        # is whole, receive() would wait for the client to go.)
+        drained, more = 0, unread
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DRAIN_SECONDS):  # a client that declares and stalls
+                while more and drained <= DRAIN_FACTOR * self.max_bytes:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        break
+                    drained += len(message.get("body", b""))
+                    more = bool(message.get("more_body", False))
         error = BodyTooLarge(self.max_bytes)
         response = JSONResponse({"detail": error.detail}, status_code=error.status_code)
         await response(scope, receive, send)
+
+
+DRAIN_FACTOR = 4
+"""A refused body is read and dropped up to this many times the limit before the 413 is sent."""
+DRAIN_SECONDS = 5.0
+"""Longest a refused body is read for before the 413 is sent."""
 
 
 MAX_JSON_DEPTH = 32

@@ -316,8 +316,9 @@ def test_a_round_without_a_reward_model_trains_none(
 def test_a_round_removes_the_reward_models_of_rounds_that_published_nothing(
     client: TestClient, sessions: Any, settings: Settings
 ) -> None:
-    """Kept: a live round's and a finished round's with a version; removed: a failed round's
-    and partial writes."""
+    """Kept: a live round's and a finished round's with a version; removed: a failed round's,
+    partial writes, and one named after the round that cleans up (which has written none yet:
+    the database was restored or reset since, and run ids started again)."""
     from app.engine.checkpoints import write_checkpoint
     from app.services.training import claim, request_run
     from worker.training.rounds import _remove_stale_reward_models
@@ -340,6 +341,9 @@ def test_a_round_removes_the_reward_models_of_rounds_that_published_nothing(
         )  # fmt: skip
     (directory / ".tmp-rm.run9-0000").mkdir()
     with sessions() as session:
-        _remove_stale_reward_models(session, directory)
+        _remove_stale_reward_models(session, directory, own_run=runs["published"] + 100)
     kept = sorted(p.name for p in directory.iterdir())
     assert kept == sorted(f"rm.run{runs[n]}" for n in ("published", "live"))
+    with sessions() as session:  # the live round cleans up: a directory named after it is stale
+        _remove_stale_reward_models(session, directory, own_run=runs["live"])
+    assert [p.name for p in directory.iterdir()] == [f"rm.run{runs['published']}"]

@@ -182,11 +182,13 @@ def test_worker_killed_mid_round_leaves_nothing_half_done(
         run_id = client.post("/v1/training/runs", json=slow, headers=ADMIN).json()["id"]
 
         def training_started() -> bool:
+            """The reward model is trained (its figures are on the run) and the adapter's
+            steps have begun: the kill lands in one of the policy's micro-batches."""
             with sessions() as session:
                 run = session.get(TrainingRun, run_id)
                 return bool(
                     run
-                    and run.started_at
+                    and "rm_train_loss" in (run.metrics or {})
                     and run.heartbeat_at
                     and run.heartbeat_at > run.started_at
                 )

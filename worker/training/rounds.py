@@ -302,7 +302,7 @@ def _run(
     reward_config = RewardModelConfig(**run.config.get("reward_model", {}))
     budget = TokenBudget.from_settings(settings)
     _remove_orphans(session, settings.versions_dir, run_id)
-    _remove_stale_reward_models(session, settings.reward_models_dir)
+    _remove_stale_reward_models(session, settings.reward_models_dir, run_id)
     data = build_round_data(session, settings)
     config = {"train": train_config.to_dict(), "gate": gate_config.to_dict()}
     if settings.training_reward_model:
@@ -528,9 +528,11 @@ def _train_reward_model(
     return metrics
 
 
-def _remove_stale_reward_models(session: Session, directory: Path) -> None:
+def _remove_stale_reward_models(session: Session, directory: Path, own_run: int | None) -> None:
     """Delete reward models of rounds that ended without publishing (failed, or lost), and
-    partial writes: only those of finished rounds with a version, and of live ones, are kept."""
+    partial writes: only those of finished rounds with a version, and of live ones other than
+    `own_run` (which has written none yet: one there is another database's run of that id),
+    are kept."""
     for partial in remove_partials(directory):
         log.warning("removed the partial reward model directory %s", partial)
     if not directory.is_dir():
@@ -543,7 +545,7 @@ def _remove_stale_reward_models(session: Session, directory: Path) -> None:
         )
     )
     for path in directory.iterdir():
-        if path.is_dir() and _writer(path) not in kept:
+        if path.is_dir() and (_writer(path) not in kept or _writer(path) == own_run):
             log.warning("removed %s: its round published nothing", path)
             shutil.rmtree(path, ignore_errors=True)
 

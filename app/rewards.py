@@ -187,7 +187,15 @@ def reward_model(
     if context.model_scores is None:
         raise RewardUnavailable("the reward model is configured, but none has been trained yet")
     raw = context.model_scores([s.prompt for s in samples], [s.answer for s in samples])
-    return [1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, score)))) for score in raw]
+    return [sigmoid(score) for score in raw]
+
+
+def sigmoid(x: float) -> float:
+    """The logistic function, without overflow at either end."""
+    if x >= 0:
+        return 1 / (1 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1 + z)
 
 
 RewardFunction = Callable[[Sequence[Sample], Any, RewardContext], list[float | None]]

@@ -216,7 +216,7 @@ def evaluate(
         deltas = [m - t for m, t in zip(mine, theirs, strict=True)]
         good = [d for d, row in zip(deltas, heldout_kto, strict=True) if row.label]
         bad = [d for d, row in zip(deltas, heldout_kto, strict=True) if not row.label]
-        kto_gain = (_mean(good) if good else 0.0) - (_mean(bad) if bad else 0.0)
+        kto_gain = (mean(good) if good else 0.0) - (mean(bad) if bad else 0.0)
         metrics["heldout_kto"] = len(heldout_kto)
         metrics["kto_gain"] = kto_gain
         gains.append((kto_gain, len(heldout_kto)))
@@ -230,9 +230,9 @@ def evaluate(
         margin_mine = [c - r for c, r in zip(chosen_mine, rejected_mine, strict=True)]
         margin_theirs = [c - r for c, r in zip(chosen_theirs, rejected_theirs, strict=True)]
         metrics["heldout_pairs"] = len(heldout_pairs)
-        metrics["pair_accuracy_candidate"] = _mean([float(m > 0) for m in margin_mine])
-        metrics["pair_accuracy_active"] = _mean([float(m > 0) for m in margin_theirs])
-        pair_gain = _mean([m - t for m, t in zip(margin_mine, margin_theirs, strict=True)])
+        metrics["pair_accuracy_candidate"] = mean([float(m > 0) for m in margin_mine])
+        metrics["pair_accuracy_active"] = mean([float(m > 0) for m in margin_theirs])
+        pair_gain = mean([m - t for m, t in zip(margin_mine, margin_theirs, strict=True)])
         metrics["pair_gain"] = pair_gain
         gains.append((pair_gain, len(heldout_pairs)))
     if gains:
@@ -245,9 +245,9 @@ def evaluate(
     metrics["kl_to_base"] = kl_to_base(candidate, tokenizer, prompts, new, budget.chunk_tokens)
     metrics["repetition"] = repetition(new)
     metrics["repetition_active"] = repetition(old)
-    metrics["empty_fraction"] = _mean([float(not tokenizer.decode(a).strip()) for a in new])
-    metrics["empty_fraction_active"] = _mean([float(not tokenizer.decode(a).strip()) for a in old])
-    length_new, length_old = _mean([len(a) for a in new]), _mean([len(a) for a in old])
+    metrics["empty_fraction"] = mean([float(not tokenizer.decode(a).strip()) for a in new])
+    metrics["empty_fraction_active"] = mean([float(not tokenizer.decode(a).strip()) for a in old])
+    length_new, length_old = mean([len(a) for a in new]), mean([len(a) for a in old])
     ratio = length_new / length_old if length_old else (1.0 if not length_new else float("inf"))
     metrics["length_ratio"] = ratio
     reasons = judge(metrics, config)
@@ -289,5 +289,6 @@ def render_message(tokenizer: Any, message: str) -> str:
     )
 
 
-def _mean(values: Sequence[float]) -> float:
+def mean(values: Sequence[float]) -> float:
+    """The mean of `values`, 0 for none."""
     return sum(values) / len(values) if values else 0.0

@@ -4,7 +4,6 @@ a logistic loss on single ratings (thumbs, stars)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from app.engine.reward_model import (
     pad_id_of,
     sequence_scores,
 )
+from app.rewards import sigmoid
 from app.services.datasets import KtoRow, PairRow
 from app.training_config import RewardModelConfig, TokenBudget, token_batches
 from worker.training.batches import OnBatch, no_batches, ratings_of
@@ -219,8 +219,8 @@ def reward_metrics(
         metrics["rm_pair_accuracy"] = sum(pair_hits) / len(pair_hits)
     if scores:
         metrics["rm_pointwise_accuracy"] = sum(point_hits) / len(point_hits)
-    pair_p = [_sigmoid(m) for m in margins]  # P(chosen beats rejected)
-    point_p = [_sigmoid(s) for s in scores]  # P(desirable)
+    pair_p = [sigmoid(m) for m in margins]  # P(chosen beats rejected)
+    point_p = [sigmoid(s) for s in scores]  # P(desirable)
     forecasts = pair_p + point_p
     outcomes = [1.0] * len(pair_p) + [float(label) for label in labels]
     squared = [(p - y) ** 2 for p, y in zip(forecasts, outcomes, strict=True)]
@@ -255,13 +255,6 @@ def expected_calibration_error(
     total = sum(weights)
     gaps = (abs(p - y) for p, y in zip(forecast_sums, outcome_sums, strict=True))
     return sum(gaps) / total if total else 0.0
-
-
-def _sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1 / (1 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1 + z)
 
 
 def save_reward_model(

@@ -545,7 +545,7 @@ def _remove_stale_reward_models(session: Session, directory: Path, own_run: int 
         )
     )
     for path in directory.iterdir():
-        if path.is_dir() and (_writer(path) not in kept or _writer(path) == own_run):
+        if path.is_dir() and ((writer := _writer(path)) not in kept or writer == own_run):
             log.warning("removed %s: its round published nothing", path)
             shutil.rmtree(path, ignore_errors=True)
 

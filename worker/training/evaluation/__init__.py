@@ -16,11 +16,19 @@ from typing import Any
 import regex
 
 from app.models import Task
-from app.rewards import RewardContext, Sample, no_repetition, parse_specs, words
-from app.rewards import combine as combine_rewards
+from app.rewards import (
+    NoOptions,
+    RepetitionOptions,
+    RewardContext,
+    Sample,
+    chrf,
+    no_repetition,
+    rouge_l,
+    words,
+)
 from app.services.prompts import user_message
 from app.training_config import GateConfig, TokenBudget
-from worker.training.gate import completion_logprobs, greedy_answers, render_message
+from worker.training.gate import completion_logprobs, greedy_answers, mean, render_message
 
 SUITE_DIR = Path(__file__).parent
 
@@ -65,7 +73,6 @@ def evaluate_model(
     config: GateConfig,
     budget: TokenBudget,
     as_base: Callable[[], AbstractContextManager[Any]],
-    reward_scores: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
 ) -> Evaluation:
     """Greedy answers of `model` to the suite (the gate's `max_new_tokens` and `batch_size`),
     scored against the references and measured for degeneration; `as_base` gives the base model,
@@ -86,28 +93,25 @@ def evaluate_model(
     ]
     opens = answers[split:]
     metrics: dict[str, float] = {}
-    for task, reward in (("translate", "chrf"), ("qa", "rouge_l")):
+    for task, name, reward in (("translate", "chrf", chrf), ("qa", "rouge_l", rouge_l)):
         of_task = [sample for sample in references if sample.task == task]
-        scores = combine_rewards(of_task, parse_specs({reward: 1}))
-        metrics[reward] = _mean([s for s in scores if s is not None])
+        scores = reward(of_task, NoOptions(), RewardContext())
+        metrics[name] = mean([s for s in scores if s is not None])
     metrics["reference_score"] = (metrics["chrf"] + metrics["rouge_l"]) / 2
     open_samples = [
         Sample(prompt=m, answer=a) for m, a in zip(messages[split:], opens, strict=True)
     ]
-    [trigrams] = parse_specs({"no_repetition": {"n": 3}})
-    fresh = no_repetition(open_samples, trigrams.options, RewardContext())
-    metrics["repetition"] = 1 - _mean([f for f in fresh if f is not None])
+    fresh = no_repetition(open_samples, RepetitionOptions(n=3), RewardContext())
+    metrics["repetition"] = 1 - mean([f for f in fresh if f is not None])
     metrics["distinct_2"] = distinct_ngrams(opens, 2)
-    metrics["mean_words"] = _mean([len(a.split()) for a in opens])
-    metrics["empty_fraction"] = _mean([float(not a) for a in opens])
+    metrics["mean_words"] = mean([len(a.split()) for a in opens])
+    metrics["empty_fraction"] = mean([float(not a) for a in opens])
     metrics["opening_diversity"] = opening_diversity(opens)
     with as_base() as base:
         logprobs = completion_logprobs(
             base, tokenizer, [(r, a) for r, a in zip(rendered[split:], opens, strict=True)], budget
         )
-    metrics["base_perplexity"] = math.exp(-_mean(logprobs))
-    if reward_scores is not None:
-        metrics["reward_model_mean"] = _mean(reward_scores(messages[split:], opens))
+    metrics["base_perplexity"] = math.exp(-mean(logprobs))
     examples = [
         {"prompt": item["prompt"], "answer": answer}
         for item, answer in zip(suite.prompts[:EXAMPLES], opens, strict=False)
@@ -178,7 +182,3 @@ def opening_diversity(answers: Sequence[str]) -> float:
     when answers collapse into one format."""
     openings = {(tuple(words(a)[:3]), bool(regex.match(r"\s*([-*•]|\d+[.)])", a))) for a in answers}
     return len(openings) / len(answers) if answers else 0.0
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
